@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes over the policy service."""

@@ -1,0 +1,49 @@
+"""Build the FastAPI application around a registry of loaded policies."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from policy_server import __version__
+from policy_server.api.auth import require_api_key
+from policy_server.api.errors import ERROR_RESPONSES, install_error_handlers
+from policy_server.api.limits import BodySizeLimit
+from policy_server.api.routes import policy_router
+from policy_server.registry import PolicyRegistry
+from policy_server.service import PolicyService
+from policy_server.settings import Settings
+
+_DESCRIPTION = """\
+Serves the reinforcement-learning policy **{name}** (version `{version}`, {runtime} runtime).
+
+`/predict` takes a typed observation and samples the policy's action; `/predict_raw` takes the
+raw input vector; `/predict_deterministic` and `/distribution` give the most likely action and
+the exact action probabilities. Send the API key as header `access-token`.
+"""
+
+
+def create_app(registry: PolicyRegistry, settings: Settings, api_key: str | None) -> FastAPI:
+    """The HTTP API; `api_key` None means no authentication (only with `--no-auth`)."""
+    default = registry.get()
+    app = FastAPI(
+        title=f"Policy server: {default.name}",
+        version=__version__,
+        description=_DESCRIPTION.format(
+            name=default.name, version=default.version, runtime=default.runtime.name
+        ),
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    service = PolicyService(registry)
+    app.state.service = service
+    dependencies = [Depends(require_api_key(api_key))] if api_key is not None else []
+    for policy in registry:
+        app.include_router(
+            policy_router(service, policy), dependencies=dependencies, responses=ERROR_RESPONSES
+        )
+
+    @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')
+    async def health() -> str:
+        return "ok"
+
+    return app

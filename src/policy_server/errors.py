@@ -1,0 +1,49 @@
+"""Domain errors. Each carries the HTTP status it maps to; one handler renders them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field of a request, named by its dotted path."""
+
+    field: str
+    message: str
+
+
+class PolicyServerError(Exception):
+    """Base of every error the server reports to a client."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, fields: list[FieldError] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or []
+
+
+class InvalidObservation(PolicyServerError):
+    status_code = 422
+    code = "invalid_observation"
+
+
+class PolicyNotFound(PolicyServerError):
+    status_code = 404
+    code = "policy_not_found"
+
+
+class NotAuthenticated(PolicyServerError):
+    status_code = 403
+    code = "not_authenticated"
+
+
+class PayloadTooLarge(PolicyServerError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class PolicyLoadError(Exception):
+    """A policy or its schema cannot be served; raised at start-up, never per request."""

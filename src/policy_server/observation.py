@@ -1,0 +1,116 @@
+"""Observation request models built from a schema, and their conversion to model inputs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from policy_server.errors import FieldError, InvalidObservation
+from policy_server.schema import FieldType, ObservationField, PolicySchema
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def observation_model(schema: PolicySchema) -> type[BaseModel] | None:
+    """The typed `Observation` body of /predict: one attribute per schema field, in order."""
+    if not schema.has_observations:
+        return None
+    fields: dict[str, Any] = {f.name: (_annotation(f), _field_info(f)) for f in schema.observations}
+    example = {f.name: _example(f) for f in schema.observations}
+    return create_model(
+        "Observation",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
+        __doc__="One observation, with the fields of schema.yaml in the order the model reads.",
+        **fields,
+    )
+
+
+def raw_observation_model(width: int) -> type[BaseModel]:
+    """The `{"obs": [...]}` body of /predict_raw: exactly `width` numbers."""
+    number = Annotated[
+        float, Field(strict=True, allow_inf_nan=False, ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)
+    ]
+    return create_model(
+        "RawObservation",
+        __config__=ConfigDict(
+            extra="forbid", json_schema_extra={"examples": [{"obs": [0.0] * width}]}
+        ),
+        __doc__=f"The model's {width} input values, concatenated in schema order.",
+        obs=(list[number], Field(min_length=width, max_length=width)),
+    )
+
+
+def _scalar(field_type: FieldType, field: ObservationField) -> Any:
+    if field_type is FieldType.BOOL:
+        return Annotated[bool, Field(strict=True)]
+    # Values become float32 model inputs: without bounds of its own a field is capped where
+    # float32 stays finite, so no request can feed the model an infinity.
+    low = field.minimum if field.minimum is not None else -_FLOAT32_MAX
+    high = field.maximum if field.maximum is not None else _FLOAT32_MAX
+    if field_type is FieldType.INT:
+        return Annotated[int, Field(strict=True, ge=int(np.ceil(low)), le=int(np.floor(high)))]
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
+
+
+def _annotation(field: ObservationField) -> Any:
+    item = _scalar(field.type.scalar, field)
+    return list[item] if field.type.is_list else item  # type: ignore[valid-type]
+
+
+def _field_info(field: ObservationField) -> Any:
+    extra: dict[str, Any] = {"description": field.description}
+    if field.type.is_list:
+        extra |= {"min_length": field.min_items, "max_length": field.max_items}
+    return Field(**extra)
+
+
+def _example(field: ObservationField) -> Any:
+    scalar: Any
+    if field.type.scalar is FieldType.BOOL:
+        scalar = False
+    else:
+        low, high = field.minimum, field.maximum
+        middle = (low + high) / 2 if low is not None and high is not None else low or high or 0
+        scalar = int(middle) if field.type.scalar is FieldType.INT else float(middle)
+    if not field.type.is_list:
+        return scalar
+    return [scalar] * (field.max_items or field.min_items or 1)
+
+
+class Vectorizer:
+    """Concatenates validated observations into the model's float32 input rows."""
+
+    def __init__(self, schema: PolicySchema, width: int) -> None:
+        self.fields = schema.observations
+        self.width = width
+        self._names = [f.name for f in self.fields]
+        self._lists = [f.type.is_list for f in self.fields]
+
+    def row(self, observation: BaseModel) -> list[float]:
+        values: list[float] = []
+        for name, is_list in zip(self._names, self._lists, strict=True):
+            value = getattr(observation, name)
+            if is_list:
+                values.extend(value)
+            else:
+                values.append(value)
+        if len(values) != self.width:
+            raise self._width_error(len(values))
+        return values
+
+    def _width_error(self, got: int) -> InvalidObservation:
+        lists = [f.name for f in self.fields if f.type.is_list]
+        return InvalidObservation(
+            f"the observation has {got} values in all, the model takes {self.width}",
+            [
+                FieldError(name, "list length does not fit the model's input width")
+                for name in lists
+            ],
+        )
+
+
+def as_batch(rows: list[list[float]]) -> npt.NDArray[np.float32]:
+    return np.asarray(rows, dtype=np.float32)

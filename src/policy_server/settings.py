@@ -1,0 +1,61 @@
+"""The server's settings: the only module that reads the environment.
+
+Every field is also a command-line flag of `policy-server serve` (see `cli.py`), and its
+description is the flag's help text, so each setting is documented once, here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "policy-server"
+
+
+class Settings(BaseSettings):
+    """Settings of one policy server; environment variables are prefixed `POLICY_SERVER_`."""
+
+    model_config = SettingsConfigDict(env_prefix="POLICY_SERVER_", extra="ignore")
+
+    policy_path: Path = Field(
+        default=Path("."),
+        validation_alias=AliasChoices("policy_path", "POLICY_SERVER_POLICY_PATH", "BASE_PATH"),
+        description="Folder holding schema.yaml and saved_model.zip (or model.onnx, or an "
+        "unzipped SavedModel). `BASE_PATH` is accepted as in the original server.",
+    )
+    policy_name: str | None = Field(
+        default=None,
+        description="Name the policy is registered under; defaults to the folder's name.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("api_key", "POLICY_SERVER_API_KEY", "API_KEY"),
+        description="API key clients must send as `access-token` (header, query or cookie). "
+        "Overrides `parameters.api_key` of schema.yaml.",
+    )
+    no_auth: bool = Field(
+        default=False, description="Serve without authentication when no API key is configured."
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where archives are extracted and converted models cached, keyed by hash.",
+    )
+    max_extract_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="Largest total size a model archive may unzip to."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024**2, gt=0, description="Largest request body accepted, in bytes."
+    )
+    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+
+    @property
+    def resolved_policy_name(self) -> str:
+        return self.policy_name or self.policy_path.resolve().name or "policy"

@@ -1,0 +1,60 @@
+"""Action spaces a policy can have, as RLlib lays out their logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Discrete:
+    """One categorical action; the logits are its n unnormalised log-probabilities."""
+
+    n: int
+
+    @property
+    def logits_width(self) -> int:
+        return self.n
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "Discrete", "n": self.n}
+
+
+@dataclass(frozen=True)
+class MultiDiscrete:
+    """A tuple of categorical actions; the logits are their blocks, concatenated."""
+
+    nvec: tuple[int, ...]
+
+    @property
+    def logits_width(self) -> int:
+        return sum(self.nvec)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "MultiDiscrete", "nvec": list(self.nvec)}
+
+
+@dataclass(frozen=True)
+class Box:
+    """A vector of continuous actions; the logits are the means, then the log-stds."""
+
+    dim: int
+
+    @property
+    def logits_width(self) -> int:
+        return 2 * self.dim
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "Box", "shape": [self.dim]}
+
+
+ActionSpace = Discrete | MultiDiscrete | Box
+
+
+def categorical_sizes(space: ActionSpace) -> tuple[int, ...]:
+    """The category counts of each component of a discrete space."""
+    if isinstance(space, Discrete):
+        return (space.n,)
+    if isinstance(space, MultiDiscrete):
+        return space.nvec
+    raise TypeError(f"{space} is not discrete")
