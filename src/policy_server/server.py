@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from fastapi import FastAPI
 
@@ -42,3 +43,15 @@ def serve(settings: Settings) -> None:
 
     app = build_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def app_from_environment() -> FastAPI:
+    """The app for `uvicorn app:app`: the policy in BASE_PATH (default: the working folder).
+
+    A policy that cannot be served stops the process with the reason, not a traceback.
+    """
+    try:
+        return build_app(Settings())
+    except PolicyLoadError as error:
+        print(f"policy-server: cannot serve: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= tensorflow,examples,dev
+HOST ?= 127.0.0.1
+PORT ?= 8000
+EXAMPLE ?= examples/cartpole
+# pytest-xdist workers; the slow suites share one server per module.
+WORKERS ?= 2
+
+.PHONY: install serve test lint example clean
+
+$(BIN)/.stamp-install: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(BIN)/.stamp-install
+
+serve: install
+	$(BIN)/policy-server serve $(EXAMPLE) --host $(HOST) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install lint
+	$(BIN)/pytest -n $(WORKERS) --dist loadfile
+
+example: install
+	$(BIN)/python examples/make_cartpole.py --out $(EXAMPLE)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

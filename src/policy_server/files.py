@@ -1,0 +1,48 @@
+"""The original server's file commands (`python generate.py ...`), on a policy folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from policy_server.archive import safe_extract
+from policy_server.errors import PolicyLoadError
+from policy_server.loader import ARCHIVE_NAME, UNZIPPED_FOLDER
+from policy_server.settings import Settings
+
+SCHEMA_NAME = "schema.yaml"
+
+
+class PolicyFiles:
+    """Manage schema.yaml and saved_model.zip in BASE_PATH (default: the working folder)."""
+
+    def __init__(self, base_path: str | None = None) -> None:
+        settings = Settings() if base_path is None else Settings(policy_path=Path(base_path))
+        self._settings = settings
+        self.base = settings.policy_path
+
+    def copy_server_files(self, source: str) -> str:
+        """Copy SOURCE/schema.yaml and SOURCE/saved_model.zip into BASE_PATH."""
+        folder = Path(source)
+        for name in (SCHEMA_NAME, ARCHIVE_NAME):
+            if not (folder / name).is_file():
+                raise PolicyLoadError(f"{folder}: has no {name}")
+        self.base.mkdir(parents=True, exist_ok=True)
+        for name in (SCHEMA_NAME, ARCHIVE_NAME):
+            shutil.copyfile(folder / name, self.base / name)
+        return f"copied {SCHEMA_NAME} and {ARCHIVE_NAME} from {folder} to {self.base}"
+
+    def unzip(self) -> str:
+        """Extract BASE_PATH/saved_model.zip into BASE_PATH/models (safely)."""
+        target = self.base / UNZIPPED_FOLDER
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        safe_extract(self.base / ARCHIVE_NAME, target, self._settings.max_extract_bytes)
+        return f"extracted {self.base / ARCHIVE_NAME} into {target}"
+
+    def clean(self) -> str:
+        """Remove the copied schema.yaml, saved_model.zip and models/ from BASE_PATH."""
+        shutil.rmtree(self.base / UNZIPPED_FOLDER, ignore_errors=True)
+        for name in (SCHEMA_NAME, ARCHIVE_NAME):
+            (self.base / name).unlink(missing_ok=True)
+        return f"removed {SCHEMA_NAME}, {ARCHIVE_NAME} and {UNZIPPED_FOLDER}/ from {self.base}"
