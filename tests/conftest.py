@@ -1,0 +1,139 @@
+"""Fixtures shared by the suite: the real models, and real servers on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "pathmind-models"
+EXAMPLE = ROOT / "examples" / "cartpole"
+EXAMPLE_KEY = "cartpole-demo-key"
+PATHMIND_KEY = "1234567asdfgh"
+
+
+def shared_model(name: str) -> Path:
+    """A real Pathmind policy folder; skips the test with the reason when it is absent."""
+    folder = SHARED_MODELS / name
+    if not (folder / "saved_model.zip").is_file():
+        pytest.skip(f"needs the real Pathmind policies: {folder} is absent")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    key: str | None
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        headers = {"access-token": self.key} if self.key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server did not answer within {timeout}s:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def run_server(
+    command: list[str],
+    tmp: Path,
+    key: str | None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 180,
+) -> Iterator[RunningServer]:
+    port = port or free_port()
+    log = tmp / f"server-{port}.log"
+    full_env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [arg.replace("{port}", str(port)) for arg in command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process, log, timeout)
+        yield RunningServer(url, process, log, key)
+    finally:
+        stop(process)
+
+
+def serve_command(policy: Path, cache_dir: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "policy_server.cli",
+        "serve",
+        str(policy),
+        "--port",
+        "{port}",
+        "--cache-dir",
+        str(cache_dir),
+        *flags,
+    ]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@contextmanager
+def serving(
+    policy: Path, cache: Path, tmp: Path, key: str | None, *flags: str
+) -> Iterator[RunningServer]:
+    with run_server(serve_command(policy, cache, *flags), tmp, key) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def example_server(
+    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    with serving(EXAMPLE, cache_dir, tmp_path_factory.mktemp("example"), EXAMPLE_KEY) as server:
+        yield server
