@@ -43,9 +43,12 @@ class RunningServer:
     log: Path
     key: str | None
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        headers = {"access-token": self.key} if self.key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"access-token": self.key} if self.key else {}
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
