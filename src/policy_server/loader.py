@@ -1,4 +1,4 @@
-"""Turn a policy folder (schema.yaml + saved_model.zip) into a LoadedPolicy, or refuse it."""
+"""Turn a policy folder (schema.yaml + saved_model.zip or model.onnx) into a LoadedPolicy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from policy_server.settings import Settings
 logger = logging.getLogger(__name__)
 
 ARCHIVE_NAME = "saved_model.zip"
+ONNX_NAME = "model.onnx"
 UNZIPPED_FOLDER = "models"
+CACHED_ONNX = "policy.onnx"
 
 
 def load_policy(settings: Settings) -> LoadedPolicy:
@@ -25,10 +27,15 @@ def load_policy(settings: Settings) -> LoadedPolicy:
         raise PolicyLoadError(f"{folder}: no such folder; pass the folder holding schema.yaml")
     started = time.perf_counter()
     schema = load_schema(folder / "schema.yaml")
-    model_dir, version = locate_saved_model(folder, settings)
-    runtime = _load_runtime(model_dir, schema)
+    if (folder / ONNX_NAME).is_file() and not (folder / ARCHIVE_NAME).is_file():
+        runtime, digest = (
+            _exported_onnx(folder / ONNX_NAME, schema),
+            file_digest(folder / ONNX_NAME),
+        )
+    else:
+        runtime, digest = _saved_model_runtime(folder, schema, settings)
     check_width(schema, runtime.observation_width, folder)
-    policy = LoadedPolicy(settings.resolved_policy_name, version, schema, runtime)
+    policy = LoadedPolicy(settings.resolved_policy_name, digest[:12], schema, runtime)
     logger.info(
         "loaded policy %s version %s (%s, %s) in %.2fs",
         policy.name,
@@ -41,23 +48,90 @@ def load_policy(settings: Settings) -> LoadedPolicy:
 
 
 def locate_saved_model(folder: Path, settings: Settings) -> tuple[Path, str]:
-    """The SavedModel folder to load and a version string identifying its content."""
+    """The SavedModel folder to load and the SHA-256 identifying its content."""
     archive = folder / ARCHIVE_NAME
     if archive.is_file():
         extracted = extract_cached(archive, settings.cache_dir, settings.max_extract_bytes)
-        return extracted, extracted.parent.name[:12]
+        return extracted, extracted.parent.name
     for candidate in (folder, folder / UNZIPPED_FOLDER):
         if (candidate / "saved_model.pb").is_file():
-            return candidate, file_digest(candidate / "saved_model.pb")[:12]
+            return candidate, file_digest(candidate / "saved_model.pb")
     raise PolicyLoadError(
-        f"{folder}: found neither {ARCHIVE_NAME} nor an unzipped SavedModel (saved_model.pb)"
+        f"{folder}: found neither {ARCHIVE_NAME}, {ONNX_NAME} nor an unzipped SavedModel "
+        "(saved_model.pb)"
     )
 
 
-def _load_runtime(model_dir: Path, schema: PolicySchema) -> PolicyRuntime:
+def _saved_model_runtime(
+    folder: Path, schema: PolicySchema, settings: Settings
+) -> tuple[PolicyRuntime, str]:
+    model_dir, digest = locate_saved_model(folder, settings)
+    cached = settings.cache_dir / digest / CACHED_ONNX
+    if settings.runtime != "tensorflow" and cached.is_file():
+        runtime = _cached_onnx(cached, settings)
+        if runtime is not None:
+            return runtime, digest
     from policy_server.runtime.tensorflow import TensorFlowRuntime
 
-    return TensorFlowRuntime(model_dir, schema.parameters)
+    tensorflow = TensorFlowRuntime(model_dir, schema.parameters)
+    if settings.runtime == "tensorflow":
+        return tensorflow, digest
+    try:
+        from policy_server.runtime.convert import convert
+
+        return convert(tensorflow, cached), digest
+    except PolicyLoadError as error:
+        if settings.runtime == "onnx":
+            raise
+        logger.warning("serving with TensorFlow: no verified ONNX model (%s)", error)
+        return tensorflow, digest
+
+
+def _cached_onnx(path: Path, settings: Settings) -> PolicyRuntime | None:
+    from policy_server.runtime.onnx import OnnxRuntime, open_session, stored_layout
+
+    try:
+        session = open_session(path)
+        layout = stored_layout(session)
+        if layout is None:
+            raise PolicyLoadError(f"{path}: has no policy-server layout metadata")
+        return OnnxRuntime(session, layout, path)
+    except PolicyLoadError as error:
+        if settings.runtime == "onnx":
+            raise
+        logger.warning("ignoring the cached ONNX model: %s", error)
+        return None
+
+
+def _exported_onnx(path: Path, schema: PolicySchema) -> PolicyRuntime:
+    """A model.onnx exported elsewhere: schema.yaml says how to read its outputs."""
+    from policy_server.runtime.onnx import OnnxLayout, OnnxRuntime, open_session
+
+    parameters = schema.parameters
+    if parameters.action_space is None:
+        raise PolicyLoadError(
+            f"{path}: a model.onnx policy needs parameters.action_space in schema.yaml, "
+            "e.g. {type: Discrete, n: 4}"
+        )
+    session = open_session(path)
+    width = session.get_inputs()[0].shape[-1]
+    if not isinstance(width, int):
+        raise PolicyLoadError(f"{path}: its input needs a fixed width, got {width!r}")
+    outputs = [o.name for o in session.get_outputs()]
+    logits = parameters.logits_output or (outputs[0] if len(outputs) == 1 else None)
+    if logits is None:
+        raise PolicyLoadError(
+            f"{path}: has outputs {outputs}; name the logits in parameters.logits_output"
+        )
+    layout = OnnxLayout(width, parameters.action_space, logits, parameters.value_output)
+    runtime = OnnxRuntime(session, layout, path)
+    logits_width = session.get_outputs()[outputs.index(logits)].shape[-1]
+    if isinstance(logits_width, int) and logits_width != parameters.action_space.logits_width:
+        raise PolicyLoadError(
+            f"{path}: output {logits!r} has {logits_width} values but the action space "
+            f"{parameters.action_space.describe()} needs {parameters.action_space.logits_width}"
+        )
+    return runtime
 
 
 def check_width(schema: PolicySchema, model_width: int, folder: Path) -> None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from policy_server.errors import FieldError, InvalidObservation
 from policy_server.schema import FieldType, ObservationField, PolicySchema
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def observation_model(schema: PolicySchema) -> type[BaseModel] | None:
@@ -31,7 +31,7 @@ def observation_model(schema: PolicySchema) -> type[BaseModel] | None:
 def raw_observation_model(width: int) -> type[BaseModel]:
     """The `{"obs": [...]}` body of /predict_raw: exactly `width` numbers."""
     number = Annotated[
-        float, Field(strict=True, allow_inf_nan=False, ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)
+        float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
     ]
     return create_model(
         "RawObservation",
@@ -48,8 +48,8 @@ def _scalar(field_type: FieldType, field: ObservationField) -> Any:
         return Annotated[bool, Field(strict=True)]
     # Values become float32 model inputs: without bounds of its own a field is capped where
     # float32 stays finite, so no request can feed the model an infinity.
-    low = field.minimum if field.minimum is not None else -_FLOAT32_MAX
-    high = field.maximum if field.maximum is not None else _FLOAT32_MAX
+    low = field.minimum if field.minimum is not None else -FLOAT32_MAX
+    high = field.maximum if field.maximum is not None else FLOAT32_MAX
     if field_type is FieldType.INT:
         return Annotated[int, Field(strict=True, ge=int(np.ceil(low)), le=int(np.floor(high)))]
     return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from policy_server.errors import PolicyLoadError
+from policy_server.spaces import ActionSpace, space_from_dict
 
 
 class FieldType(StrEnum):
@@ -38,7 +39,15 @@ _TYPE_ALIASES = {t.value.lower().replace(" ", ""): t for t in FieldType} | {
 _VALID_TYPES = ", ".join(t.value for t in FieldType)
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FIELD_KEYS = {"type", "description", "minimum", "maximum", "min_items", "max_items"}
-_PARAMETER_KEYS = {"discrete", "tuple", "api_key", "url_path"}
+_PARAMETER_KEYS = {
+    "discrete",
+    "tuple",
+    "api_key",
+    "url_path",
+    "action_space",
+    "logits_output",
+    "value_output",
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,10 @@ class Parameters:
     tuple: bool = False
     api_key: str | None = None
     url_path: str = ""
+    # Only for a model.onnx policy, whose graph does not say how to read its outputs.
+    action_space: ActionSpace | None = None
+    logits_output: str | None = None
+    value_output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,26 @@ def _parse_parameters(raw: Any, source: str) -> Parameters:
         tuple=raw.get("tuple", False),
         api_key=str(api_key) if api_key not in (None, "") else None,
         url_path=_parse_url_path(raw.get("url_path"), source),
+        action_space=_parse_action_space(raw.get("action_space"), source),
+        logits_output=_optional_name(raw, "logits_output", source),
+        value_output=_optional_name(raw, "value_output", source),
     )
+
+
+def _parse_action_space(raw: Any, source: str) -> ActionSpace | None:
+    if raw is None:
+        return None
+    try:
+        return space_from_dict(raw if isinstance(raw, dict) else {})
+    except (KeyError, TypeError, ValueError) as error:
+        raise PolicyLoadError(f"{source}: parameters.action_space: {error}") from None
+
+
+def _optional_name(raw: dict[str, Any], key: str, source: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise PolicyLoadError(f"{source}: parameters.{key} must be an output name")
+    return value
 
 
 def _parse_url_path(raw: Any, source: str) -> str:

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anyio.to_thread
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel
 
+from policy_server.batching import MicroBatcher
 from policy_server.distribution import Actions
 from policy_server.errors import FieldError, InvalidObservation
 from policy_server.observation import as_batch
@@ -36,12 +37,24 @@ class DistributionResult:
 
 
 class PolicyService:
-    def __init__(self, registry: PolicyRegistry) -> None:
+    def __init__(
+        self, registry: PolicyRegistry, max_batch_size: int = 64, max_batch_wait_s: float = 0.0
+    ) -> None:
         self.registry = registry
         self._rng = np.random.default_rng()
+        self._batchers = {
+            (policy.name, policy.version): MicroBatcher(
+                policy.runtime.forward, max_batch_size, max_batch_wait_s
+            )
+            for policy in registry
+        }
 
     def policy(self, name: str | None = None, version: str | None = None) -> LoadedPolicy:
         return self.registry.get(name, version)
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
 
     async def predict(
         self,
@@ -51,7 +64,19 @@ class PolicyService:
         deterministic: bool = False,
         seed: int | None = None,
     ) -> list[Prediction]:
-        outputs = await self._forward(policy, observations)
+        rows = as_batch([_row(policy, observation) for observation in observations])
+        return await self.predict_rows(policy, rows, deterministic=deterministic, seed=seed)
+
+    async def predict_rows(
+        self,
+        policy: LoadedPolicy,
+        rows: npt.NDArray[np.float32],
+        *,
+        deterministic: bool = False,
+        seed: int | None = None,
+    ) -> list[Prediction]:
+        """Predictions for observation vectors of shape (batch, the model's input width)."""
+        outputs = await self._forward(policy, rows)
         if deterministic:
             chosen = policy.distribution.mode(outputs.logits)
         else:
@@ -62,7 +87,7 @@ class PolicyService:
     async def distribution(
         self, policy: LoadedPolicy, observation: BaseModel
     ) -> DistributionResult:
-        outputs = await self._forward(policy, [observation])
+        outputs = await self._forward(policy, as_batch([_row(policy, observation)]))
         exact = policy.distribution.distribution(outputs.logits)
         mode = policy.distribution.mode(outputs.logits)
         return DistributionResult(
@@ -76,18 +101,17 @@ class PolicyService:
             value=None if outputs.value is None else float(outputs.value[0]),
         )
 
-    async def _forward(
-        self, policy: LoadedPolicy, observations: Sequence[BaseModel]
-    ) -> ModelOutputs:
-        rows = [_row(policy, observation) for observation in observations]
-        outputs = await anyio.to_thread.run_sync(policy.runtime.forward, as_batch(rows))
-        bad = ~np.isfinite(outputs.logits).all(axis=1)
+    async def _forward(self, policy: LoadedPolicy, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+        outputs = await self._batchers[policy.name, policy.version].forward(rows)
+        # -inf is how some exports mask an action; NaN or +inf means the model overflowed.
+        logits = outputs.logits
+        bad = (np.isnan(logits) | np.isposinf(logits)).any(axis=1)
         if bad.any():
             raise InvalidObservation(
                 "the model produced non-finite logits for this observation; its values are "
                 "probably far outside the range the policy was trained on",
                 [
-                    FieldError(f"[{int(i)}]" if len(rows) > 1 else "obs", "out of range")
+                    FieldError(f"observations.{i}" if len(rows) > 1 else "body", "out of range")
                     for i in np.flatnonzero(bad)
                 ],
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,24 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         default=8 * 1024**2, gt=0, description="Largest request body accepted, in bytes."
+    )
+    runtime: Literal["auto", "tensorflow", "onnx"] = Field(
+        default="auto",
+        description="auto: ONNX Runtime when the model converts and verifies (cached per "
+        "archive), else TensorFlow; tensorflow or onnx to choose explicitly.",
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, description="Most observations coalesced into one model call."
+    )
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long a model call waits for more requests to join its batch. 0 "
+        "adds nothing to a lone request: requests that arrive while the model runs are "
+        "batched together.",
+    )
+    max_batch_observations: int = Field(
+        default=10_000, ge=1, description="Most observations one /predict_batch request may hold."
     )
     log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
 

@@ -58,3 +58,19 @@ def categorical_sizes(space: ActionSpace) -> tuple[int, ...]:
     if isinstance(space, MultiDiscrete):
         return space.nvec
     raise TypeError(f"{space} is not discrete")
+
+
+def space_from_dict(description: dict[str, Any]) -> ActionSpace:
+    """Inverse of `describe()`: {"type": "Discrete", "n": 4} and the like."""
+    kind = description.get("type")
+    if kind == "Discrete":
+        return Discrete(int(description["n"]))
+    if kind == "MultiDiscrete":
+        return MultiDiscrete(tuple(int(n) for n in description["nvec"]))
+    if kind == "Box":
+        shape = description["shape"]
+        return Box(int(shape[0]) if isinstance(shape, list) else int(shape))
+    raise ValueError(
+        f"unknown action space {description!r}; use {{type: Discrete, n: N}}, "
+        "{type: MultiDiscrete, nvec: [N1, N2]} or {type: Box, shape: [D]}"
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI
 
 from policy_server import __version__
@@ -25,7 +28,15 @@ the exact action probabilities. Send the API key as header `access-token`.
 def create_app(registry: PolicyRegistry, settings: Settings, api_key: str | None) -> FastAPI:
     """The HTTP API; `api_key` None means no authentication (only with `--no-auth`)."""
     default = registry.get()
+    service = PolicyService(registry, settings.max_batch_size, settings.max_batch_wait_ms / 1000.0)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title=f"Policy server: {default.name}",
         version=__version__,
         description=_DESCRIPTION.format(
@@ -34,12 +45,13 @@ def create_app(registry: PolicyRegistry, settings: Settings, api_key: str | None
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    service = PolicyService(registry)
     app.state.service = service
     dependencies = [Depends(require_api_key(api_key))] if api_key is not None else []
     for policy in registry:
         app.include_router(
-            policy_router(service, policy), dependencies=dependencies, responses=ERROR_RESPONSES
+            policy_router(service, policy, settings.max_batch_observations),
+            dependencies=dependencies,
+            responses=ERROR_RESPONSES,
         )
 
     @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')

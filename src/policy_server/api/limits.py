@@ -1,4 +1,8 @@
-"""Refuse request bodies over a size limit before they are read into memory."""
+"""Refuse request bodies over a size limit before they are read into memory.
+
+FastAPI's own `max_body_size` answers an oversized Content-Length in plain text; this keeps
+the one JSON error shape for every error the server returns.
+"""
 
 from __future__ import annotations
 

@@ -4,14 +4,26 @@ No `from __future__ import annotations` here: FastAPI must see the per-policy re
 which are built at run time, as real objects in the handlers' signatures.
 """
 
+import json
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Query
-from pydantic import BaseModel, Discriminator, Tag
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Discriminator, Field, Tag, create_model
+from starlette.requests import Request
 from starlette.responses import Response
 
-from policy_server.api.models import FieldInfo, PolicyInfo, distribution_model, prediction_model
+from policy_server.api.models import (
+    FieldInfo,
+    PolicyInfo,
+    distribution_model,
+    prediction_batch_model,
+    prediction_model,
+)
+from policy_server.observation import FLOAT32_MAX
 from policy_server.registry import LoadedPolicy
 from policy_server.service import PolicyService
 
@@ -25,15 +37,43 @@ def json_response(content: Any) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
 
 
-def policy_router(service: PolicyService, policy: LoadedPolicy) -> APIRouter:
+class FastJSONRequest(Request):
+    """Parses bodies with orjson; strict JSON that orjson refuses (NaN, Infinity) falls back
+    to the standard parser, so that validation names the offending field as before."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                self._json = json.loads(body)
+        return self._json
+
+
+class FastJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(FastJSONRequest(request.scope, request.receive))
+
+        return route
+
+
+def policy_router(
+    service: PolicyService, policy: LoadedPolicy, max_batch_observations: int
+) -> APIRouter:
     """The prediction routes of `policy`, under its `url_path` prefix."""
-    router = APIRouter(prefix=policy.schema.parameters.url_path)
+    router = APIRouter(prefix=policy.schema.parameters.url_path, route_class=FastJSONRoute)
     space = policy.runtime.action_space
     prediction = prediction_model(space)
+    batch = prediction_batch_model(prediction)
     distribution = distribution_model(space)
     Raw = policy.raw_model
     Typed = policy.observation_model
     Either = _typed_or_raw(Typed, Raw) if Typed is not None else Raw
+    RawBatch = _raw_batch_model(policy.runtime.observation_width, max_batch_observations)
 
     if Typed is not None:
 
@@ -47,6 +87,32 @@ def policy_router(service: PolicyService, policy: LoadedPolicy) -> APIRouter:
         async def predict(observation: Typed, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
             result = await service.predict(policy, [observation], seed=seed)
             return json_response(result[0])
+
+        TypedBatch = _typed_batch_model(Typed, max_batch_observations)
+
+        @router.post(
+            "/predict_batch",
+            operation_id="predictBatch",
+            tags=["predictions"],
+            response_model=batch,
+            summary="Sample the policy's actions for a list of typed observations",
+        )
+        async def predict_batch(body: TypedBatch, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
+            observations = body.observations  # type: ignore[attr-defined]
+            result = await service.predict(policy, observations, seed=seed)
+            return json_response({"predictions": result})
+
+    @router.post(
+        "/predict_raw_batch",
+        operation_id="predictRawBatch",
+        tags=["predictions"],
+        response_model=batch,
+        summary="Sample the policy's actions for a list of raw observation vectors",
+    )
+    async def predict_raw_batch(body: RawBatch, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
+        rows = np.asarray(body.observations, dtype=np.float32)  # type: ignore[attr-defined]
+        result = await service.predict_rows(policy, rows, seed=seed)
+        return json_response({"predictions": result})
 
     @router.post(
         "/predict_raw",
@@ -91,6 +157,26 @@ def policy_router(service: PolicyService, policy: LoadedPolicy) -> APIRouter:
         return policy_info(policy)
 
     return router
+
+
+def _typed_batch_model(typed: type[BaseModel], max_count: int) -> type[BaseModel]:
+    return create_model(
+        "ObservationBatch",
+        __doc__="Typed observations, answered in order.",
+        observations=(list[typed], Field(min_length=1, max_length=max_count)),  # type: ignore[valid-type]
+    )
+
+
+def _raw_batch_model(width: int, max_count: int) -> type[BaseModel]:
+    number = Annotated[
+        float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
+    ]
+    vector = Annotated[list[number], Field(min_length=width, max_length=width)]
+    return create_model(
+        "RawObservationBatch",
+        __doc__=f"Raw observation vectors of {width} values each, answered in order.",
+        observations=(list[vector], Field(min_length=1, max_length=max_count)),
+    )
 
 
 def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:

@@ -42,7 +42,7 @@ class TensorFlowRuntime:
                 f"{model_dir}: not a SavedModel with a serving_default signature ({error})"
             ) from None
         self._loaded = loaded  # keeps the variables the signature reads alive
-        self._function = function
+        self.function = function
         _, input_specs = function.structured_input_signature
         inputs = {name: _info(spec) for name, spec in input_specs.items()}
         outputs = {name: _info(spec) for name, spec in function.structured_outputs.items()}
@@ -58,7 +58,7 @@ class TensorFlowRuntime:
 
     def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
         feeds = self._extra_feeds(observations.shape[0])
-        result = self._function(observations=self._tf.constant(observations), **feeds)
+        result = self.function(observations=self._tf.constant(observations), **feeds)
         value = result.get(self.layout.value_output) if self.layout.value_output else None
         return ModelOutputs(
             logits=result[self.layout.logits_output].numpy(),
