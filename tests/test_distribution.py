@@ -65,3 +65,14 @@ def test_gaussian_moments_mode_and_log_density() -> None:
 @pytest.mark.parametrize("space", [Discrete(4), MultiDiscrete((3, 3)), Box(2)])
 def test_logits_width_matches_layout(space: Discrete | MultiDiscrete | Box) -> None:
     assert space.logits_width == {Discrete: 4, MultiDiscrete: 6, Box: 4}[type(space)]
+
+
+def test_valid_rows() -> None:
+    inf, nan = np.inf, np.nan
+    categorical = Categorical((2, 2))
+    logits = np.array(
+        [[0, 1, 2, 3], [-inf, 1, 2, -inf], [nan, 1, 2, 3], [0, inf, 1, 1], [-inf, -inf, 0, 0]]
+    )
+    assert categorical.valid_rows(logits).tolist() == [True, True, False, False, False]
+    gaussian = DiagGaussian(1)
+    assert gaussian.valid_rows(np.array([[0.0, 0.0], [-inf, 0.0]])).tolist() == [True, False]

@@ -53,6 +53,14 @@ class Categorical:
     def distribution(self, logits: Array) -> Distribution:
         return Distribution([np.exp(lp) for lp in self.log_softmax(logits)], None, None)
 
+    def valid_rows(self, logits: Array) -> npt.NDArray[np.bool_]:
+        """Rows a distribution can be read from: -inf masks an action, but NaN, +inf or a
+        component with every action masked means the model overflowed."""
+        valid = ~(np.isnan(logits) | np.isposinf(logits)).any(axis=1)
+        for block in np.split(logits, self._splits, axis=1):
+            valid &= np.isfinite(block).any(axis=1)
+        return np.asarray(valid)
+
     def mode(self, logits: Array) -> Actions:
         return self._choose(logits, None)
 
@@ -92,6 +100,9 @@ class DiagGaussian:
     def distribution(self, logits: Array) -> Distribution:
         mean, std = self._moments(logits)
         return Distribution(None, mean, std)
+
+    def valid_rows(self, logits: Array) -> npt.NDArray[np.bool_]:
+        return np.asarray(np.isfinite(logits).all(axis=1))
 
     def mode(self, logits: Array) -> Actions:
         mean, std = self._moments(logits)

@@ -103,9 +103,7 @@ class PolicyService:
 
     async def _forward(self, policy: LoadedPolicy, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         outputs = await self._batchers[policy.name, policy.version].forward(rows)
-        # -inf is how some exports mask an action; NaN or +inf means the model overflowed.
-        logits = outputs.logits
-        bad = (np.isnan(logits) | np.isposinf(logits)).any(axis=1)
+        bad = ~policy.distribution.valid_rows(outputs.logits)
         if bad.any():
             raise InvalidObservation(
                 "the model produced non-finite logits for this observation; its values are "

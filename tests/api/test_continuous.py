@@ -1,6 +1,6 @@
 """A continuous-action (Box) policy with list observations, a route prefix and no auth.
 
-The policy is a small SavedModel built here with RLlib's export layout for DiagGaussian:
+The policy is a small linear SavedModel with RLlib's export layout for DiagGaussian:
 logits are the means, then the log-standard deviations.
 """
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import RunningServer, serving
+from tests.policies import linear_box_policy
 
 SCHEMA = """\
 observations:
@@ -37,43 +38,10 @@ WEIGHTS = np.linspace(-1.0, 1.0, WIDTH * 2, dtype=np.float32).reshape(WIDTH, 2)
 LOG_STD = np.array([np.log(0.5), np.log(2.0)], dtype=np.float32)
 
 
-def build_policy(folder: Path) -> None:
-    import zipfile
-
-    import tensorflow as tf
-
-    weights, log_std = tf.constant(WEIGHTS), tf.constant(LOG_STD)
-
-    class Policy(tf.Module):
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec([None, WIDTH], tf.float32, name="observations"),
-                tf.TensorSpec([None, 2], tf.float32, name="prev_action"),
-                tf.TensorSpec([], tf.bool, name="is_training"),
-            ]
-        )
-        def serve(self, observations, prev_action, is_training):
-            mean = tf.matmul(observations, weights)
-            std_logits = tf.zeros_like(mean) + log_std
-            return {
-                "actions_0": mean + tf.exp(std_logits) * tf.random.normal(tf.shape(mean)),
-                "action_dist_inputs": tf.concat([mean, std_logits], axis=1),
-                "vf_preds": tf.reduce_sum(observations, axis=1),
-            }
-
-    module = Policy()
-    model = folder / "export"
-    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
-    with zipfile.ZipFile(folder / "saved_model.zip", "w") as archive:
-        for path in model.rglob("*"):
-            archive.write(path, path.relative_to(model).as_posix())
-    (folder / "schema.yaml").write_text(SCHEMA)
-
-
 @pytest.fixture(scope="module")
 def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     folder = tmp_path_factory.mktemp("box")
-    build_policy(folder)
+    linear_box_policy(folder, WEIGHTS, LOG_STD, SCHEMA)
     with serving(folder, cache_dir, folder, None, "--no-auth") as running:
         yield running
 

@@ -1,0 +1,70 @@
+"""Small policies built by the tests themselves, in the exports' formats."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+def linear_box_policy(folder: Path, weights: np.ndarray, log_std: np.ndarray, schema: str) -> None:
+    """A SavedModel with RLlib's DiagGaussian layout: logits = [obs @ W, log_std]."""
+    import tensorflow as tf
+
+    width, dims = weights.shape
+    w, s = tf.constant(weights, tf.float32), tf.constant(log_std, tf.float32)
+
+    class Policy(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, width], tf.float32, name="observations"),
+                tf.TensorSpec([None, dims], tf.float32, name="prev_action"),
+                tf.TensorSpec([], tf.bool, name="is_training"),
+            ]
+        )
+        def serve(self, observations, prev_action, is_training):
+            mean = tf.matmul(observations, w)
+            std_logits = tf.zeros_like(mean) + s
+            return {
+                "actions_0": mean + tf.exp(std_logits) * tf.random.normal(tf.shape(mean)),
+                "action_dist_inputs": tf.concat([mean, std_logits], axis=1),
+                "vf_preds": tf.reduce_sum(observations, axis=1),
+            }
+
+    module = Policy()
+    model = folder / "export"
+    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    with zipfile.ZipFile(folder / "saved_model.zip", "w") as archive:
+        for path in model.rglob("*"):
+            archive.write(path, path.relative_to(model).as_posix())
+    (folder / "schema.yaml").write_text(schema)
+
+
+def linear_onnx_policy(path: Path, weights: np.ndarray, bias: np.ndarray) -> None:
+    """A model.onnx as a PyTorch or SB3 export would give: obs -> (logits, value)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    width, n = weights.shape
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["obs", "W", "b"], ["logits"]),
+            helper.make_node("ReduceSum", ["obs", "axes"], ["value"], keepdims=0),
+        ],
+        "policy",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", width])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n]),
+            helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=[
+            numpy_helper.from_array(weights.astype(np.float32), "W"),
+            numpy_helper.from_array(bias.astype(np.float32), "b"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
