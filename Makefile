@@ -10,7 +10,7 @@ EXAMPLE ?= examples/cartpole
 # pytest-xdist workers; the slow suites share one server per module.
 WORKERS ?= 2
 
-.PHONY: install serve test lint example clean
+.PHONY: install serve test lint bench example clean system-bench
 
 $(BIN)/.stamp-install: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest -n $(WORKERS) --dist loadfile
+
+# wrk comes from Debian's packages; installed only where it is missing.
+system-bench:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+
+bench: install system-bench
+	$(BIN)/python bench/run.py
 
 example: install
 	$(BIN)/python examples/make_cartpole.py --out $(EXAMPLE)

@@ -1,17 +1,21 @@
 """Adaptive micro-batching: concurrent forward passes of one policy become one model call.
 
-Requests queue while the model runs; the next call takes everything queued (up to the
-maximum batch size). With the default wait of 0 a lone request goes straight to the model;
-a positive wait holds a call open for that long to let more requests join it.
+Requests queue while earlier ones are parsed, validated and answered; each model call takes
+everything queued (up to the maximum batch size). With the default wait of 0 a lone request
+goes straight to the model; a positive wait holds a call open to let more requests join.
+
+The model runs on the event loop itself: a policy's forward pass takes tens of microseconds
+in ONNX Runtime, several times less than handing it to a thread and back (measured in
+bench/RESULTS.md), and the requests that arrive meanwhile simply join the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +49,6 @@ class MicroBatcher:
         self._queue: deque[_Pending] = deque()
         self._ready = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        # One model thread: the event loop keeps parsing requests while the model runs.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="policy-model")
 
     async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         """The model's outputs for `rows`, computed in a batch with concurrent callers."""
@@ -60,7 +62,6 @@ class MicroBatcher:
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
@@ -71,7 +72,9 @@ class MicroBatcher:
             if self._max_wait_s > 0 and self._size(batch) < self._max_batch_size:
                 await asyncio.sleep(self._max_wait_s)
                 batch += self._take(self._max_batch_size - self._size(batch))
-            await self._execute(batch)
+            self._execute(batch)
+            # Let the requests that arrived meanwhile reach the queue before the next batch.
+            await asyncio.sleep(0)
 
     def _take(self, room: int | None = None) -> list[_Pending]:
         room = self._max_batch_size if room is None else room
@@ -89,19 +92,18 @@ class MicroBatcher:
     def _size(batch: list[_Pending]) -> int:
         return sum(len(p.rows) for p in batch)
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    def _execute(self, batch: list[_Pending]) -> None:
         if not batch:
             return
-        loop = asyncio.get_running_loop()
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-        started = loop.time()
+        started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._forward, rows)
+            outputs = self._forward(rows)
         except Exception as error:
-            await self._execute_alone(batch, error)
+            self._execute_alone(batch, error)
             return
         if self._on_batch is not None:
-            self._on_batch(len(rows), loop.time() - started)
+            self._on_batch(len(rows), time.perf_counter() - started)
         start = 0
         for pending in batch:
             end = start + len(pending.rows)
@@ -110,7 +112,7 @@ class MicroBatcher:
                 pending.future.set_result(ModelOutputs(outputs.logits[start:end], value))
             start = end
 
-    async def _execute_alone(self, batch: list[_Pending], error: Exception) -> None:
+    def _execute_alone(self, batch: list[_Pending], error: Exception) -> None:
         """A failed batch is retried request by request, so one bad request fails alone."""
         if len(batch) == 1:
             if not batch[0].future.done():
@@ -118,4 +120,4 @@ class MicroBatcher:
             return
         logger.warning("a batch of %d requests failed (%s); retrying one by one", len(batch), error)
         for pending in batch:
-            await self._execute([pending])
+            self._execute([pending])

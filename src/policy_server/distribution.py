@@ -5,6 +5,7 @@ Every runtime hands its logits here, so TensorFlow and ONNX give the same distri
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,26 +40,37 @@ class Categorical:
 
     def __init__(self, sizes: tuple[int, ...]) -> None:
         self.sizes = sizes
-        self._splits = np.cumsum(sizes)[:-1]
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        self._slices = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
-    def log_softmax(self, logits: Array) -> list[Array]:
-        blocks = np.split(logits.astype(np.float64), self._splits, axis=1)
-        result = []
-        for block in blocks:
-            # Masked actions carry about -3.4e38; shifting by the max keeps exp() at 0, not NaN.
+    def _blocks(self, logits: Array) -> list[tuple[Array, Array]]:
+        """Per component: logits shifted by their row maximum, and log of the partition sum.
+
+        Masked actions carry about -3.4e38; after the shift exp() gives exactly 0, not NaN.
+        """
+        values = logits.astype(np.float64)
+        blocks = []
+        for part in self._slices:
+            block = values[:, part]
             shifted = block - block.max(axis=1, keepdims=True)
-            result.append(shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
-        return result
+            blocks.append((shifted, np.log(np.exp(shifted).sum(axis=1))))
+        return blocks
 
     def distribution(self, logits: Array) -> Distribution:
-        return Distribution([np.exp(lp) for lp in self.log_softmax(logits)], None, None)
+        probabilities = [
+            np.exp(shifted - log_z[:, None]) for shifted, log_z in self._blocks(logits)
+        ]
+        return Distribution(probabilities, None, None)
 
     def valid_rows(self, logits: Array) -> npt.NDArray[np.bool_]:
         """Rows a distribution can be read from: -inf masks an action, but NaN, +inf or a
         component with every action masked means the model overflowed."""
+        finite = np.isfinite(logits)
+        if finite.all():
+            return finite[:, 0]
         valid = ~(np.isnan(logits) | np.isposinf(logits)).any(axis=1)
-        for block in np.split(logits, self._splits, axis=1):
-            valid &= np.isfinite(block).any(axis=1)
+        for part in self._slices:
+            valid &= finite[:, part].any(axis=1)
         return np.asarray(valid)
 
     def mode(self, logits: Array) -> Actions:
@@ -68,23 +80,22 @@ class Categorical:
         return self._choose(logits, rng)
 
     def _choose(self, logits: Array, rng: np.random.Generator | None) -> Actions:
-        log_probs = self.log_softmax(logits)
-        rows = np.arange(logits.shape[0])
-        actions = np.empty((logits.shape[0], len(self.sizes)), dtype=np.int64)
-        total = np.zeros(logits.shape[0])
-        for index, block in enumerate(log_probs):
-            chosen = block.argmax(axis=1) if rng is None else _inverse_cdf(np.exp(block), rng)
+        batch = logits.shape[0]
+        rows = np.arange(batch)
+        actions = np.empty((batch, len(self.sizes)), dtype=np.int64)
+        total = np.zeros(batch)
+        for index, (shifted, log_z) in enumerate(self._blocks(logits)):
+            if rng is None:
+                chosen = shifted.argmax(axis=1)
+            else:
+                cumulative = np.exp(shifted).cumsum(axis=1)
+                # Scaling by the last cumulative value means rounding never picks a masked
+                # (zero-probability) action: the first index past the draw has positive mass.
+                draws = rng.random((batch, 1)) * cumulative[:, -1:]
+                chosen = (cumulative > draws).argmax(axis=1)
             actions[:, index] = chosen
-            total += block[rows, chosen]
+            total += shifted[rows, chosen] - log_z
         return Actions(actions, total)
-
-
-def _inverse_cdf(probabilities: Array, rng: np.random.Generator) -> npt.NDArray[np.int64]:
-    cumulative = probabilities.cumsum(axis=1)
-    # Scaling by the last cumulative value means rounding can never pick a zero-probability
-    # (masked) action: the first index whose cumulative sum exceeds u has positive mass.
-    draws = rng.random((probabilities.shape[0], 1)) * cumulative[:, -1:]
-    return np.asarray((cumulative > draws).argmax(axis=1), dtype=np.int64)
 
 
 class DiagGaussian:

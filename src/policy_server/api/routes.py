@@ -5,7 +5,7 @@ which are built at run time, as real objects in the handlers' signatures.
 """
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, create_model
 from starlette.requests import Request
 from starlette.responses import Response
 
+from policy_server.api.errors import ERROR_RESPONSES
 from policy_server.api.models import (
     FieldInfo,
     PolicyInfo,
@@ -27,6 +28,7 @@ from policy_server.observation import FLOAT32_MAX
 from policy_server.registry import LoadedPolicy
 from policy_server.service import PolicyService
 
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 SeedQuery = Annotated[
     int | None,
     Query(ge=0, le=2**63 - 1, description="Seed for a reproducible sample of the action."),
@@ -61,11 +63,31 @@ class FastJSONRoute(APIRoute):
         return route
 
 
-def policy_router(
-    service: PolicyService, policy: LoadedPolicy, max_batch_observations: int
-) -> APIRouter:
-    """The prediction routes of `policy`, under its `url_path` prefix."""
-    router = APIRouter(prefix=policy.schema.parameters.url_path, route_class=FastJSONRoute)
+def add_policy_routes(
+    router: APIRouter,
+    service: PolicyService,
+    policy: LoadedPolicy,
+    max_batch_observations: int,
+    dependencies: Sequence[Any],
+) -> None:
+    """Add the prediction routes of `policy`, under its `url_path` prefix, to `router`.
+
+    Routes go straight onto the app's router: FastAPI's include_router adds a matching layer
+    that costs a measurable share of a prediction's time (see bench/RESULTS.md).
+    """
+    prefix = policy.schema.parameters.url_path
+
+    def post(path: str, operation_id: str, response_model: Any, summary: str) -> Decorator:
+        return router.post(
+            prefix + path,
+            operation_id=operation_id,
+            tags=["predictions"],
+            response_model=response_model,
+            summary=summary,
+            dependencies=list(dependencies),
+            responses=ERROR_RESPONSES,
+        )
+
     space = policy.runtime.action_space
     prediction = prediction_model(space)
     batch = prediction_batch_model(prediction)
@@ -77,12 +99,8 @@ def policy_router(
 
     if Typed is not None:
 
-        @router.post(
-            "/predict",
-            operation_id="predict",
-            tags=["predictions"],
-            response_model=prediction,
-            summary="Sample the policy's action for a typed observation",
+        @post(
+            "/predict", "predict", prediction, "Sample the policy's action for a typed observation"
         )
         async def predict(observation: Typed, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
             result = await service.predict(policy, [observation], seed=seed)
@@ -90,73 +108,68 @@ def policy_router(
 
         TypedBatch = _typed_batch_model(Typed, max_batch_observations)
 
-        @router.post(
+        @post(
             "/predict_batch",
-            operation_id="predictBatch",
-            tags=["predictions"],
-            response_model=batch,
-            summary="Sample the policy's actions for a list of typed observations",
+            "predictBatch",
+            batch,
+            "Sample the policy's actions for a list of typed observations",
         )
         async def predict_batch(body: TypedBatch, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
             observations = body.observations  # type: ignore[attr-defined]
             result = await service.predict(policy, observations, seed=seed)
             return json_response({"predictions": result})
 
-    @router.post(
+    @post(
         "/predict_raw_batch",
-        operation_id="predictRawBatch",
-        tags=["predictions"],
-        response_model=batch,
-        summary="Sample the policy's actions for a list of raw observation vectors",
+        "predictRawBatch",
+        batch,
+        "Sample the policy's actions for a list of raw observation vectors",
     )
     async def predict_raw_batch(body: RawBatch, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
         rows = np.asarray(body.observations, dtype=np.float32)  # type: ignore[attr-defined]
         result = await service.predict_rows(policy, rows, seed=seed)
         return json_response({"predictions": result})
 
-    @router.post(
+    @post(
         "/predict_raw",
-        operation_id="predictRaw",
-        tags=["predictions"],
-        response_model=prediction,
-        summary="Sample the policy's action for a raw observation vector",
+        "predictRaw",
+        prediction,
+        "Sample the policy's action for a raw observation vector",
     )
     async def predict_raw(observation: Raw, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
         result = await service.predict(policy, [observation], seed=seed)
         return json_response(result[0])
 
-    @router.post(
+    @post(
         "/predict_deterministic",
-        operation_id="predictDeterministic",
-        tags=["predictions"],
-        response_model=prediction,
-        summary="The most likely action (argmax per component, the mean if continuous)",
+        "predictDeterministic",
+        prediction,
+        "The most likely action (argmax per component, the mean if continuous)",
     )
     async def predict_deterministic(observation: Either) -> Response:  # type: ignore[valid-type]
         result = await service.predict(policy, [observation], deterministic=True)
         return json_response(result[0])
 
-    @router.post(
+    @post(
         "/distribution",
-        operation_id="distribution",
-        tags=["predictions"],
-        response_model=distribution,
-        summary="The exact action distribution, computed from the policy's logits",
+        "distribution",
+        distribution,
+        "The exact action distribution, computed from the policy's logits",
     )
     async def get_distribution(observation: Either) -> Response:  # type: ignore[valid-type]
         return json_response(await service.distribution(policy, observation))
 
     @router.get(
-        "/schema",
+        prefix + "/schema",
         operation_id="getSchema",
         tags=["policy"],
         response_model=PolicyInfo,
         summary="The observation fields and the action space of the policy",
+        dependencies=list(dependencies),
+        responses=ERROR_RESPONSES,
     )
     async def get_schema() -> PolicyInfo:
         return policy_info(policy)
-
-    return router
 
 
 def _typed_batch_model(typed: type[BaseModel], max_count: int) -> type[BaseModel]:

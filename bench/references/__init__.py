@@ -1,0 +1,1 @@
+"""Reference servers the benchmark builds and runs beside the project's, in the same run."""
