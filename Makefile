@@ -10,7 +10,10 @@ EXAMPLE ?= examples/cartpole
 # pytest-xdist workers; the slow suites share one server per module.
 WORKERS ?= 2
 
-.PHONY: install serve test lint bench example clean system-bench
+.PHONY: install serve test lint bench example clean system-bench system-test
+
+# What the suite needs from Debian's packages, as command:package; installed where missing.
+TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose
 
 $(BIN)/.stamp-install: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +31,14 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install lint
+system-test:
+	@missing=""; for pair in $(TEST_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+test: install lint system-test
 	$(BIN)/pytest -n $(WORKERS) --dist loadfile
 
 # wrk comes from Debian's packages; installed only where it is missing.

@@ -58,7 +58,12 @@ def free_port() -> int:
 class Server:
     """A server process on a loopback port; `start` returns seconds until the first 200."""
 
-    def __init__(self, command: list[str], probe: tuple[str, dict[str, Any], str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        probe: tuple[str, dict[str, Any], str],
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.command = [part.replace("{port}", str(self.port)) for part in command]
         self.probe_path, self.probe_body, self.key = probe
@@ -69,13 +74,17 @@ class Server:
     def start(self, timeout: float = 180) -> float:
         started = time.perf_counter()
         log = (OUT / f"server-{self.port}.log").open("wb")
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+        )
         headers = {"access-token": self.key}
         while time.perf_counter() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.command} exited; see {log.name}")
             try:
-                response = httpx.post(self.url + self.probe_path, json=self.probe_body, headers=headers, timeout=5)
+                response = httpx.post(
+                    self.url + self.probe_path, json=self.probe_body, headers=headers, timeout=5
+                )
                 if response.status_code == 200:
                     return time.perf_counter() - started
             except httpx.TransportError:
@@ -108,8 +117,21 @@ def wrk(url: str, body: Any, key: str, connections: int, duration: int) -> Load:
         f"wrk.body = [==[{payload}]==]\n"
     )
     result = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return parse_wrk(result.stdout)
 
@@ -118,7 +140,9 @@ def parse_wrk(output: str) -> Load:
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     percentiles = {int(p): _ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", output, re.M)}
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", output))
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    socket = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
     if socket:
         errors += sum(int(n) for n in socket.groups())
     return Load(rate, percentiles.get(50, float("nan")), percentiles.get(99, float("nan")), errors)
@@ -130,8 +154,22 @@ def _ms(value: str) -> float:
 
 
 def ours(target: Target, cache: Path, *flags: str) -> Server:
-    command = [PYTHON, "-m", "policy_server.cli", "serve", str(target.path), "--port", "{port}",
-               "--cache-dir", str(cache), "--log-level", "warning", "--metrics-port", "0", *flags]
+    command = [
+        PYTHON,
+        "-m",
+        "policy_server.cli",
+        "serve",
+        str(target.path),
+        "--port",
+        "{port}",
+        "--cache-dir",
+        str(cache),
+        "--log-level",
+        "warning",
+        "--metrics-port",
+        "0",
+        *flags,
+    ]
     return Server(command, ("/predict", target.observation, target.key))
 
 
@@ -145,7 +183,9 @@ def measure_target(target: Target, duration: int) -> dict[str, Any]:
     figures["cold_start_warm_cache_s"] = server.start()
     try:
         for connections in (1, 32):
-            figures[f"ours_c{connections}"] = wrk(server.url + "/predict", target.observation, target.key, connections, duration)
+            figures[f"ours_c{connections}"] = wrk(
+                server.url + "/predict", target.observation, target.key, connections, duration
+            )
         batch = {"observations": [target.observation] * 1000}
         load = wrk(server.url + "/predict_batch", batch, target.key, 2, duration)
         figures["batch"] = load
@@ -154,16 +194,33 @@ def measure_target(target: Target, duration: int) -> dict[str, Any]:
     finally:
         server.stop()
     references = {
-        "original": Server([PYTHON, str(BENCH / "references" / "original.py"), str(target.path), "{port}", str(cache / "original")],
-                           ("/predict", target.observation, target.key), {"TF_CPP_MIN_LOG_LEVEL": "3"}),
-        "ceiling": Server([PYTHON, str(BENCH / "references" / "ceiling.py"), str(target.path), "{port}"],
-                          ("/predict", target.observation, target.key)),
+        "original": Server(
+            [
+                PYTHON,
+                str(BENCH / "references" / "original.py"),
+                str(target.path),
+                "{port}",
+                str(cache / "original"),
+            ],
+            ("/predict", target.observation, target.key),
+            {"TF_CPP_MIN_LOG_LEVEL": "3"},
+        ),
+        "ceiling": Server(
+            [PYTHON, str(BENCH / "references" / "ceiling.py"), str(target.path), "{port}"],
+            ("/predict", target.observation, target.key),
+        ),
     }
     for name, reference in references.items():
         reference.start()
         try:
             for connections in (1, 32):
-                figures[f"{name}_c{connections}"] = wrk(reference.url + "/predict", target.observation, target.key, connections, duration)
+                figures[f"{name}_c{connections}"] = wrk(
+                    reference.url + "/predict",
+                    target.observation,
+                    target.key,
+                    connections,
+                    duration,
+                )
             figures[f"{name}_peak_memory_mb"] = reference.peak_memory_mb()
         finally:
             reference.stop()
@@ -177,18 +234,48 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024**2  # type: ignore[union-attr]
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
-    return f"{os.cpu_count()} cores ({cpu}), {memory} GiB memory, Python {platform.python_version()}, {platform.system()} {platform.release()}, {wrk_version.strip()}"
+    memory = (
+        int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024**2
+    )  # type: ignore[union-attr]
+    version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+    system = f"{platform.system()} {platform.release()}"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory} GiB memory, "
+        f"Python {platform.python_version()}, {system}, {version.splitlines()[0].strip()}"
+    )
 
 
 def targets() -> list[Target]:
-    found = [Target("cartpole (bundled example)", ROOT / "examples" / "cartpole", "cartpole-demo-key",
-                    {"cart_position": 0.01, "cart_velocity": -0.2, "pole_angle": 0.03, "pole_angular_velocity": 0.4})]
+    found = [
+        Target(
+            "cartpole (bundled example)",
+            ROOT / "examples" / "cartpole",
+            "cartpole-demo-key",
+            {
+                "cart_position": 0.01,
+                "cart_velocity": -0.2,
+                "pole_angle": 0.03,
+                "pole_angular_velocity": 0.4,
+            },
+        )
+    ]
     if (SHARED / "mouse_and_cheese" / "saved_model.zip").is_file():
-        found.insert(0, Target("mouse_and_cheese", SHARED / "mouse_and_cheese", "1234567asdfgh",
-                               {"mouse_row": 0.5, "mouse_col": 0.2, "mouse_row_distance": -0.2,
-                                "mouse_col_distance": 0.3, "cheese_row": 0.3, "cheese_col": 0.5}))
+        found.insert(
+            0,
+            Target(
+                "mouse_and_cheese",
+                SHARED / "mouse_and_cheese",
+                "1234567asdfgh",
+                {
+                    "mouse_row": 0.5,
+                    "mouse_col": 0.2,
+                    "mouse_row_distance": -0.2,
+                    "mouse_col_distance": 0.3,
+                    "cheese_row": 0.3,
+                    "cheese_col": 0.5,
+                },
+            ),
+        )
     return found
 
 

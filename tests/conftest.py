@@ -117,6 +117,8 @@ def serve_command(policy: Path, cache_dir: Path, *flags: str) -> list[str]:
         "{port}",
         "--cache-dir",
         str(cache_dir),
+        "--metrics-port",
+        "0",
         *flags,
     ]
 

@@ -41,7 +41,7 @@ def test_uvicorn_app_serves_the_working_folder(tmp_path: Path) -> None:
         "--port",
         "{port}",
     ]
-    env = {"POLICY_SERVER_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"POLICY_SERVER_CACHE_DIR": str(tmp_path / "cache"), "POLICY_SERVER_METRICS_PORT": "0"}
     with run_server(command, tmp_path, EXAMPLE_KEY, env=env, cwd=tmp_path) as server:
         response = httpx.post(
             server.url + "/predict_raw", json={"obs": [0, 0, 0, 0]}, headers=server.headers
@@ -52,7 +52,11 @@ def test_uvicorn_app_serves_the_working_folder(tmp_path: Path) -> None:
 
 def test_uvicorn_app_reads_base_path_and_refuses_bad_policies(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "uvicorn", "app:app", "--port", "{port}"]
-    env = {"BASE_PATH": str(EXAMPLE), "POLICY_SERVER_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        "BASE_PATH": str(EXAMPLE),
+        "POLICY_SERVER_CACHE_DIR": str(tmp_path / "cache"),
+        "POLICY_SERVER_METRICS_PORT": "0",
+    }
     with run_server(command, tmp_path, EXAMPLE_KEY, env=env) as server:
         assert (
             httpx.get(server.url + "/schema", headers={"access-token": EXAMPLE_KEY}).json()["name"]

@@ -4,7 +4,6 @@ as the project's /predict, then a constant answer: no model, no sampling.
     python bench/references/ceiling.py POLICY_FOLDER PORT
 """
 
-
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,4 +30,6 @@ def build(folder: Path) -> FastAPI:
 
 
 if __name__ == "__main__":
-    uvicorn.run(build(Path(sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+    uvicorn.run(
+        build(Path(sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning"
+    )

@@ -7,7 +7,6 @@ sampled action and probability, as the original's predict handler did.
     python bench/references/original.py POLICY_FOLDER PORT
 """
 
-
 import sys
 import zipfile
 from pathlib import Path

@@ -11,8 +11,9 @@ import numpy.typing as npt
 from pydantic import BaseModel
 
 from policy_server.batching import MicroBatcher
-from policy_server.distribution import Actions
+from policy_server.distribution import Actions, Categorical
 from policy_server.errors import FieldError, InvalidObservation
+from policy_server.metrics import Metrics
 from policy_server.observation import as_batch
 from policy_server.registry import LoadedPolicy, PolicyRegistry
 from policy_server.runtime.base import ModelOutputs
@@ -38,13 +39,21 @@ class DistributionResult:
 
 class PolicyService:
     def __init__(
-        self, registry: PolicyRegistry, max_batch_size: int = 64, max_batch_wait_s: float = 0.0
+        self,
+        registry: PolicyRegistry,
+        max_batch_size: int = 64,
+        max_batch_wait_s: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
+        self._metrics = metrics
         self._rng = np.random.default_rng()
         self._batchers = {
             (policy.name, policy.version): MicroBatcher(
-                policy.runtime.forward, max_batch_size, max_batch_wait_s
+                policy.runtime.forward,
+                max_batch_size,
+                max_batch_wait_s,
+                None if metrics is None else metrics.batch_observer(policy.name),
             )
             for policy in registry
         }
@@ -82,6 +91,8 @@ class PolicyService:
         else:
             rng = self._rng if seed is None else np.random.default_rng(seed)
             chosen = policy.distribution.sample(outputs.logits, rng)
+        if self._metrics is not None and isinstance(policy.distribution, Categorical):
+            self._metrics.count_actions(policy.name, chosen.values)  # type: ignore[arg-type]
         return _predictions(chosen, outputs)
 
     async def distribution(

@@ -73,7 +73,16 @@ class Settings(BaseSettings):
     max_batch_observations: int = Field(
         default=10_000, ge=1, description="Most observations one /predict_batch request may hold."
     )
-    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+    metrics_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint (0 turns it off).",
+    )
+    log_level: str = Field(
+        default="info",
+        description="Log level: debug, info (one JSON line per request), warning, error.",
+    )
 
     @property
     def resolved_policy_name(self) -> str:

@@ -9,9 +9,11 @@ from fastapi import Depends, FastAPI
 
 from policy_server import __version__
 from policy_server.api.auth import require_api_key
-from policy_server.api.errors import ERROR_RESPONSES, install_error_handlers
+from policy_server.api.errors import install_error_handlers
 from policy_server.api.limits import BodySizeLimit
-from policy_server.api.routes import policy_router
+from policy_server.api.observability import RequestObserver
+from policy_server.api.routes import FastJSONRoute, add_policy_routes
+from policy_server.metrics import Metrics
 from policy_server.registry import PolicyRegistry
 from policy_server.service import PolicyService
 from policy_server.settings import Settings
@@ -25,13 +27,19 @@ the exact action probabilities. Send the API key as header `access-token`.
 """
 
 
-def create_app(registry: PolicyRegistry, settings: Settings, api_key: str | None) -> FastAPI:
+def create_app(
+    registry: PolicyRegistry, settings: Settings, api_key: str | None, metrics: Metrics
+) -> FastAPI:
     """The HTTP API; `api_key` None means no authentication (only with `--no-auth`)."""
     default = registry.get()
-    service = PolicyService(registry, settings.max_batch_size, settings.max_batch_wait_ms / 1000.0)
+    service = PolicyService(
+        registry, settings.max_batch_size, settings.max_batch_wait_ms / 1000.0, metrics
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.metrics_port:
+            metrics.serve(settings.host, settings.metrics_port)
         yield
         await service.close()
 
@@ -45,13 +53,13 @@ def create_app(registry: PolicyRegistry, settings: Settings, api_key: str | None
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, metrics=metrics, policy=default.name)
     app.state.service = service
     dependencies = [Depends(require_api_key(api_key))] if api_key is not None else []
+    app.router.route_class = FastJSONRoute
     for policy in registry:
-        app.include_router(
-            policy_router(service, policy, settings.max_batch_observations),
-            dependencies=dependencies,
-            responses=ERROR_RESPONSES,
+        add_policy_routes(
+            app.router, service, policy, settings.max_batch_observations, dependencies
         )
 
     @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')

@@ -1,0 +1,113 @@
+"""Prometheus metrics of the server, named by Prometheus conventions, served on their own port."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_INFERENCE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+
+
+class Metrics:
+    """Every metric the server exports; one instance per process, in its own registry."""
+
+    def __init__(self) -> None:
+        # The *_created series double every counter's output and no dashboard reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "policy_server_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "policy_server_request_duration_seconds",
+            "Time from the request's arrival to its response, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "policy_server_batch_size",
+            "Observations per model call (micro-batches and batch requests).",
+            ["policy"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_duration = Histogram(
+            "policy_server_inference_duration_seconds",
+            "Time of one model call (a forward pass over a batch).",
+            ["policy"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.actions = Counter(
+            "policy_server_actions",
+            "Actions served, by policy, action component and action value (discrete actions).",
+            ["policy", "component", "action"],
+            registry=self.registry,
+        )
+        self.load_duration = Gauge(
+            "policy_server_model_load_seconds",
+            "Time it took to load the policy at start-up.",
+            ["policy"],
+            registry=self.registry,
+        )
+        self.info = Info(
+            "policy_server_policy",
+            "The loaded policy: name, version and runtime.",
+            ["policy"],
+            registry=self.registry,
+        )
+        self._action_children: dict[tuple[str, int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def policy_loaded(self, name: str, version: str, runtime: str, seconds: float) -> None:
+        self.load_duration.labels(name).set(seconds)
+        self.info.labels(name).info({"version": version, "runtime": runtime})
+
+    def batch_observer(self, policy: str) -> Callable[[int, float], None]:
+        size, duration = self.batch_size.labels(policy), self.inference_duration.labels(policy)
+
+        def observe(rows: int, seconds: float) -> None:
+            size.observe(rows)
+            duration.observe(seconds)
+
+        return observe
+
+    def count_actions(self, policy: str, actions: npt.NDArray[np.int64]) -> None:
+        """Count discrete actions per component and value, so that drift shows over time."""
+        for component in range(actions.shape[1]):
+            values, counts = np.unique(actions[:, component], return_counts=True)
+            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                self._action_child(policy, component, value).inc(count)
+
+    def _action_child(self, policy: str, component: int, value: int) -> Any:
+        key = (policy, component, value)
+        child = self._action_children.get(key)
+        if child is None:
+            with self._lock:
+                child = self.actions.labels(policy, str(component), str(value))
+                self._action_children[key] = child
+        return child
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose /metrics (Prometheus text format) on its own port, in a daemon thread."""
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,83 @@
+"""The deployment files: what can be checked without a Docker engine."""
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLE, EXAMPLE_KEY, ROOT, RunningServer, free_port, serving
+
+DEPLOY = ROOT / "deploy"
+
+
+def test_compose_file_is_valid() -> None:
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is missing: `make test` installs Debian's package"
+    result = subprocess.run(
+        [compose, "-f", str(DEPLOY / "docker-compose.yaml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load((DEPLOY / "docker-compose.yaml").read_text())["services"]
+    assert {"policy-server", "prometheus", "grafana"} <= set(services)
+    assert "8080:8080" in services["policy-server"]["ports"]
+
+
+def test_prometheus_config_scrapes_the_metrics_port() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["policy-server:8080"]
+
+
+def test_image_runs_the_readme_command_as_a_non_root_user() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    command = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    assert " ".join(command) in (ROOT / "README.md").read_text()
+    assert re.search(r"^USER policy$", dockerfile, re.M)
+    assert "HEALTHCHECK" in dockerfile
+    assert not re.search(r"^(ENV|ARG)\b.*API_KEY", dockerfile, re.M | re.I), "no key baked in"
+    assert dockerfile.count("FROM ") >= 2, "multi-stage build"
+
+
+@pytest.fixture(scope="module")
+def scraped(
+    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningServer, str]]:
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("deploy")
+    with serving(EXAMPLE, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
+        yield server, f"http://127.0.0.1:{port}/metrics"
+
+
+def test_every_metric_the_dashboard_queries_is_exported(scraped: tuple[RunningServer, str]) -> None:
+    server, metrics_url = scraped
+    with server.client() as client:
+        client.post("/predict_raw", json={"obs": [0.0, 0.0, 0.1, 0.0]})
+        client.post("/predict_raw", json={"obs": [0.0]})
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in httpx.get(metrics_url).text.splitlines()
+        if line and not line.startswith("#")
+    }
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "policy-server.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"policy_server_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 5
+    assert queried <= exported, queried - exported
+    provisioned = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    )
+    uid = provisioned["datasources"][0]["uid"]
+    assert all(panel["datasource"]["uid"] == uid for panel in dashboard["panels"])

@@ -1,0 +1,85 @@
+"""Prometheus metrics on their own port and JSON request logs, on a real server."""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, serving
+
+OBSERVATION = {
+    "cart_position": 0.0,
+    "cart_velocity": 0.0,
+    "pole_angle": 0.2,
+    "pole_angular_velocity": 1.0,
+}
+
+
+@pytest.fixture(scope="module")
+def observed(
+    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningServer, str]]:
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("metrics")
+    with serving(EXAMPLE, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
+        yield server, f"http://127.0.0.1:{port}/metrics"
+
+
+def samples(text: str) -> dict[str, float]:
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def test_metrics_count_requests_batches_and_actions(observed: tuple[RunningServer, str]) -> None:
+    server, metrics_url = observed
+    with server.client() as client:
+        for _ in range(10):
+            assert client.post("/predict", json=OBSERVATION).status_code == 200
+        client.post("/predict", json={"cart_position": "x"})
+        client.get("/nowhere")
+        client.post("/predict_raw_batch", json={"observations": [[0.0, 0.0, 0.2, 1.0]] * 50})
+    text = httpx.get(metrics_url).text
+    values = samples(text)
+    assert values['policy_server_requests_total{method="POST",route="/predict",status="200"}'] == 10
+    assert values['policy_server_requests_total{method="POST",route="/predict",status="422"}'] == 1
+    assert values['policy_server_requests_total{method="GET",route="unmatched",status="404"}'] == 1
+    assert values['policy_server_request_duration_seconds_count{route="/predict"}'] == 11
+    assert values['policy_server_batch_size_sum{policy="cartpole"}'] == 60
+    assert values['policy_server_inference_duration_seconds_count{policy="cartpole"}'] >= 11
+    served = sum(v for k, v in values.items() if k.startswith("policy_server_actions_total{"))
+    assert served == 60
+    # The pole falls to the right: a trained policy pushes right nearly every time.
+    assert values['policy_server_actions_total{action="1",component="0",policy="cartpole"}'] >= 55
+    assert values['policy_server_model_load_seconds{policy="cartpole"}'] > 0
+    info = [k for k in values if k.startswith("policy_server_policy_info{")]
+    assert len(info) == 1 and 'runtime="onnx"' in info[0] and 'version="' in info[0]
+    assert "# TYPE policy_server_requests_total counter" in text
+
+
+def test_one_json_line_per_request_without_the_key(observed: tuple[RunningServer, str]) -> None:
+    server, _ = observed
+    response = httpx.post(
+        server.url + "/predict",
+        params={"access-token": EXAMPLE_KEY},
+        json=OBSERVATION,
+        headers={"x-request-id": "trace-42"},
+    )
+    assert response.headers["x-request-id"] == "trace-42"
+    mine: list[dict] = []
+    deadline = time.monotonic() + 10  # the line is written once the response has gone out
+    while not mine and time.monotonic() < deadline:
+        lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+        requests = [line for line in lines if line.get("logger") == "policy_server.access"]
+        mine = [line for line in requests if line["request_id"] == "trace-42"]
+        time.sleep(0.05)
+    assert len(mine) == 1
+    assert mine[0]["route"] == "/predict" and mine[0]["status"] == 200
+    assert mine[0]["policy"] == "cartpole" and mine[0]["latency_ms"] > 0
+    assert EXAMPLE_KEY not in server.output()
