@@ -119,6 +119,8 @@ def serve_command(policy: Path, cache_dir: Path, *flags: str) -> list[str]:
         str(cache_dir),
         "--metrics-port",
         "0",
+        "--client-languages",
+        "",
         *flags,
     ]
 

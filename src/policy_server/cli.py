@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from policy_server.errors import PolicyLoadError
+from policy_server.clients import GENERATORS
+from policy_server.errors import ClientsUnavailable, PolicyLoadError
 from policy_server.settings import Settings
 
 _POSITIONAL = {"policy_path"}
@@ -26,16 +29,28 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=None, help=info.description, metavar=name.upper())
 
 
+def _command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+    path_help = Settings.model_fields["policy_path"].description
+    parser.add_argument("policy_path", metavar="PATH", help=path_help)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policy-server", description="Serve reinforcement-learning policies over HTTP."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the policy in PATH")
-    serve.add_argument(
-        "policy_path", metavar="PATH", help=Settings.model_fields["policy_path"].description
+    _add_settings_flags(_command(commands, "serve", "serve the policy in PATH"))
+    clients = _command(commands, "clients", "generate the client SDKs of the policy in PATH")
+    clients.add_argument("--out", type=Path, required=True, help="folder for the SDKs")
+    clients.add_argument(
+        "--lang",
+        action="append",
+        choices=sorted(GENERATORS),
+        help="a language to generate (repeatable); default: all",
     )
-    _add_settings_flags(serve)
+    _add_settings_flags(clients)
     return parser
 
 
@@ -49,6 +64,21 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def generate_clients(settings: Settings, out: Path, languages: list[str]) -> None:
+    from policy_server.clients import generate
+    from policy_server.server import build_app
+
+    document = build_app(settings.model_copy(update={"client_languages": ""})).openapi()
+    started = time.perf_counter()
+
+    def progress(language: str, index: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        print(f"[{index}/{total}] generating the {language} client ({elapsed:.1f}s)", flush=True)
+
+    for language, folder in generate(document, out, languages, progress, settings.java).items():
+        print(f"{language}: {folder}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
@@ -57,11 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from policy_server.server import serve
 
             serve(settings)
+        elif arguments.command == "clients":
+            generate_clients(settings, arguments.out, arguments.lang or sorted(GENERATORS))
     except ValidationError as error:
         print(f"policy-server: invalid setting: {error}", file=sys.stderr)
         return 2
     except PolicyLoadError as error:
         print(f"policy-server: cannot serve: {error}", file=sys.stderr)
+        return 2
+    except ClientsUnavailable as error:
+        print(f"policy-server: {error.message}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,10 +19,16 @@ class PolicyServerError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, fields: list[FieldError] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        fields: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.fields = fields or []
+        self.headers = headers
 
 
 class InvalidObservation(PolicyServerError):
@@ -43,6 +49,16 @@ class NotAuthenticated(PolicyServerError):
 class PayloadTooLarge(PolicyServerError):
     status_code = 413
     code = "payload_too_large"
+
+
+class ClientsNotReady(PolicyServerError):
+    status_code = 503
+    code = "clients_not_ready"
+
+
+class ClientsUnavailable(PolicyServerError):
+    status_code = 503
+    code = "clients_unavailable"
 
 
 class PolicyLoadError(Exception):

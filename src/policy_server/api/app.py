@@ -9,10 +9,12 @@ from fastapi import Depends, FastAPI
 
 from policy_server import __version__
 from policy_server.api.auth import require_api_key
+from policy_server.api.clients import add_client_routes
 from policy_server.api.errors import install_error_handlers
 from policy_server.api.limits import BodySizeLimit
 from policy_server.api.observability import RequestObserver
 from policy_server.api.routes import FastJSONRoute, add_policy_routes
+from policy_server.clients import ClientBuilder
 from policy_server.metrics import Metrics
 from policy_server.registry import PolicyRegistry
 from policy_server.service import PolicyService
@@ -36,10 +38,16 @@ def create_app(
         registry, settings.max_batch_size, settings.max_batch_wait_ms / 1000.0, metrics
     )
 
+    builder = ClientBuilder(
+        lambda: app.openapi(), settings.cache_dir, settings.languages, settings.java
+    )
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.metrics_port:
             metrics.serve(settings.host, settings.metrics_port)
+        if builder.languages:
+            builder.start()
         yield
         await service.close()
 
@@ -61,6 +69,9 @@ def create_app(
         add_policy_routes(
             app.router, service, policy, settings.max_batch_observations, dependencies
         )
+
+    if builder.languages:
+        add_client_routes(app.router, builder, dependencies)
 
     @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')
     async def health() -> str:

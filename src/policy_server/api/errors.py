@@ -86,7 +86,9 @@ def _validation_fields(errors: Sequence[Any]) -> list[FieldError]:
 
 async def _on_domain_error(_: Request, error: Exception) -> Response:
     assert isinstance(error, PolicyServerError)
-    return error_response(error.status_code, error.code, error.message, error.fields)
+    return error_response(
+        error.status_code, error.code, error.message, error.fields, headers=error.headers
+    )
 
 
 async def _on_validation_error(request: Request, error: Exception) -> Response:

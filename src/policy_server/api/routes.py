@@ -202,7 +202,8 @@ def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
         return "raw" if isinstance(body, raw) else "typed"
 
     union = Annotated[typed, Tag("typed")] | Annotated[raw, Tag("raw")]  # type: ignore[valid-type]
-    return Annotated[union, Discriminator(kind), Body()]
+    # Its own title, so that SDK generators name it apart from the typed Observation.
+    return Annotated[union, Discriminator(kind), Body(title="ObservationOrRaw")]
 
 
 def policy_info(policy: LoadedPolicy) -> PolicyInfo:
