@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= tensorflow,onnx,clients,examples,dev
+EXTRAS ?= tensorflow,onnx,clients,ui,examples,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 EXAMPLE ?= examples/cartpole
@@ -13,7 +13,7 @@ WORKERS ?= 2
 .PHONY: install serve test lint bench example clean system-bench system-test
 
 # What the suite needs from Debian's packages, as command:package; installed where missing.
-TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose
+TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium
 
 $(BIN)/.stamp-install: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

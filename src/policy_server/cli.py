@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a language to generate (repeatable); default: all",
     )
     _add_settings_flags(clients)
+    ui = commands.add_parser("ui", help="the Streamlit page to try a policy server")
+    ui.add_argument("--ui-port", type=int, default=8501, help="port of the page")
     return parser
 
 
@@ -79,8 +82,31 @@ def generate_clients(settings: Settings, out: Path, languages: list[str]) -> Non
         print(f"{language}: {folder}")
 
 
+def run_ui(port: int) -> int:
+    """`streamlit run` on the page's module; needs the `ui` extra."""
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        print("policy-server: the page needs Streamlit: pip install 'policy-server[ui]'")
+        return 2
+    from policy_server import ui
+
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(ui.__file__),
+        "--server.port",
+        str(port),
+    ]
+    return subprocess.call(command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    if arguments.command == "ui":
+        return run_ui(arguments.ui_port)
     try:
         settings = settings_from(arguments)
         if arguments.command == "serve":

@@ -1,0 +1,5 @@
+"""`streamlit run frontend.py`: the page to try a policy (see policy_server/ui.py)."""
+
+from policy_server.ui import main
+
+main()
