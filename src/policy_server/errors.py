@@ -61,5 +61,10 @@ class ClientsUnavailable(PolicyServerError):
     code = "clients_unavailable"
 
 
+class BackendUnavailable(PolicyServerError):
+    status_code = 503
+    code = "backend_unavailable"
+
+
 class PolicyLoadError(Exception):
     """A policy or its schema cannot be served; raised at start-up, never per request."""

@@ -74,6 +74,12 @@ class Metrics:
             ["policy"],
             registry=self.registry,
         )
+        self.replica_requests = Counter(
+            "policy_server_replica_requests",
+            "Model calls answered per Ray Serve replica (Ray backend only).",
+            ["policy", "replica"],
+            registry=self.registry,
+        )
         self._action_children: dict[tuple[str, int, int], Any] = {}
         self._lock = threading.Lock()
 
@@ -87,6 +93,12 @@ class Metrics:
         def observe(rows: int, seconds: float) -> None:
             size.observe(rows)
             duration.observe(seconds)
+
+        return observe
+
+    def replica_observer(self, policy: str) -> Callable[[str], None]:
+        def observe(replica: str) -> None:
+            self.replica_requests.labels(policy, replica).inc()
 
         return observe
 

@@ -14,6 +14,7 @@ from policy_server.loader import load_policy
 from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
 from policy_server.registry import LoadedPolicy, PolicyRegistry
+from policy_server.service import ModelCaller, PolicyService, local_callers
 from policy_server.settings import Settings
 
 
@@ -41,12 +42,29 @@ def build_app(settings: Settings) -> FastAPI:
     )
     registry = PolicyRegistry()
     registry.add(policy)
-    app = create_app(registry, settings, resolve_api_key(settings, policy), metrics)
+    api_key = resolve_api_key(settings, policy)
+    service = PolicyService(registry, _model_callers(registry, settings, metrics), metrics)
+    app = create_app(service, settings, api_key, metrics)
     # Everything loaded so far lives as long as the process: keep the cyclic garbage
     # collector from walking it again and again, which shows up as tail latency.
     gc.collect()
     gc.freeze()
     return app
+
+
+def _model_callers(
+    registry: PolicyRegistry, settings: Settings, metrics: Metrics
+) -> dict[tuple[str, str], ModelCaller]:
+    if settings.resolved_backend != "ray":
+        return local_callers(registry, settings, metrics)
+    from policy_server.ray_backend import deploy
+
+    return {
+        (policy.name, policy.version): deploy(
+            settings, policy, metrics.replica_observer(policy.name)
+        )
+        for policy in registry
+    }
 
 
 def serve(settings: Settings) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +17,7 @@ from policy_server.metrics import Metrics
 from policy_server.observation import as_batch
 from policy_server.registry import LoadedPolicy, PolicyRegistry
 from policy_server.runtime.base import ModelOutputs
+from policy_server.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -37,33 +38,46 @@ class DistributionResult:
     value: float | None
 
 
+class ModelCaller(Protocol):
+    """How the service reaches a policy's model: the in-process micro-batcher, or Ray Serve."""
+
+    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs: ...
+
+    async def close(self) -> None: ...
+
+
+def local_callers(
+    registry: PolicyRegistry, settings: Settings, metrics: Metrics | None = None
+) -> dict[tuple[str, str], ModelCaller]:
+    return {
+        (policy.name, policy.version): MicroBatcher(
+            policy.runtime.forward,
+            settings.max_batch_size,
+            settings.max_batch_wait_ms / 1000.0,
+            None if metrics is None else metrics.batch_observer(policy.name),
+        )
+        for policy in registry
+    }
+
+
 class PolicyService:
     def __init__(
         self,
         registry: PolicyRegistry,
-        max_batch_size: int = 64,
-        max_batch_wait_s: float = 0.0,
+        callers: Mapping[tuple[str, str], ModelCaller],
         metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self._metrics = metrics
         self._rng = np.random.default_rng()
-        self._batchers = {
-            (policy.name, policy.version): MicroBatcher(
-                policy.runtime.forward,
-                max_batch_size,
-                max_batch_wait_s,
-                None if metrics is None else metrics.batch_observer(policy.name),
-            )
-            for policy in registry
-        }
+        self._callers = dict(callers)
 
     def policy(self, name: str | None = None, version: str | None = None) -> LoadedPolicy:
         return self.registry.get(name, version)
 
     async def close(self) -> None:
-        for batcher in self._batchers.values():
-            await batcher.close()
+        for caller in self._callers.values():
+            await caller.close()
 
     async def predict(
         self,
@@ -113,7 +127,7 @@ class PolicyService:
         )
 
     async def _forward(self, policy: LoadedPolicy, rows: npt.NDArray[np.float32]) -> ModelOutputs:
-        outputs = await self._batchers[policy.name, policy.version].forward(rows)
+        outputs = await self._callers[policy.name, policy.version].forward(rows)
         bad = ~policy.distribution.valid_rows(outputs.logits)
         if bad.any():
             raise InvalidObservation(

