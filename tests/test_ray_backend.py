@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, run_server, serving
 
 OBSERVATIONS = [[0.0, 0.0, 0.1, 1.0], [0.2, -0.3, -0.05, 0.1], [0.0, 0.0, 0.01, 0.02]]
-REPLICA = "ray::ServeReplica:policy-cartpole"
+REPLICA = "ray::ServeReplica:policy-cartpole:"
 
 
 @pytest.fixture(scope="module")

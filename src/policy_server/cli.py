@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a language to generate (repeatable); default: all",
     )
     _add_settings_flags(clients)
+    ray_config = _command(
+        commands, "ray-config", "write a Ray Serve config of the policy in PATH for serve deploy"
+    )
+    ray_config.add_argument(
+        "--out", type=Path, default=Path("serve-config.yaml"), help="the file to write"
+    )
+    _add_settings_flags(ray_config)
     ui = commands.add_parser("ui", help="the Streamlit page to try a policy server")
     ui.add_argument("--ui-port", type=int, default=8501, help="port of the page")
     return parser
@@ -80,6 +87,21 @@ def generate_clients(settings: Settings, out: Path, languages: list[str]) -> Non
 
     for language, folder in generate(document, out, languages, progress, settings.java).items():
         print(f"{language}: {folder}")
+
+
+def write_ray_config(settings: Settings, out: Path) -> None:
+    import yaml
+
+    from policy_server.ray_backend import serve_config
+
+    header = (
+        f"# Ray Serve config for the policy in {settings.policy_path.resolve()}.\n"
+        f"# Deploy on a running Ray cluster (or KubeRay's RayService) with: serve deploy {out}\n"
+        "# The API key is not written here: it comes from schema.yaml or from\n"
+        "# POLICY_SERVER_API_KEY (add it under runtime_env.env_vars).\n"
+    )
+    out.write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
+    print(f"wrote {out}")
 
 
 def run_ui(port: int) -> int:
@@ -115,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(settings)
         elif arguments.command == "clients":
             generate_clients(settings, arguments.out, arguments.lang or sorted(GENERATORS))
+        elif arguments.command == "ray-config":
+            write_ray_config(settings, arguments.out)
     except ValidationError as error:
         print(f"policy-server: invalid setting: {error}", file=sys.stderr)
         return 2

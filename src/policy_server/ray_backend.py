@@ -73,7 +73,7 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
 class RayForward:
     """The service's forward pass for one policy, answered by the Ray Serve deployment."""
 
-    def __init__(self, handle: Any, application: str, on_replica: Any = None) -> None:
+    def __init__(self, handle: Any, application: str | None = None, on_replica: Any = None) -> None:
         self._handle = handle
         self._application = application
         self._on_replica = on_replica
@@ -91,7 +91,8 @@ class RayForward:
         return ModelOutputs(logits, value)
 
     async def close(self) -> None:
-        await asyncio.to_thread(shutdown, self._application)
+        if self._application is not None:  # only the process that deployed it removes it
+            await asyncio.to_thread(shutdown, self._application)
 
 
 _started_ray = False
@@ -125,3 +126,59 @@ def shutdown(application: str) -> None:
         _started_ray = False
     else:
         serve.delete(application)
+
+
+@serve.deployment(name="api")
+@serve.ingress()
+class ApiIngress:
+    """The HTTP API as a Ray Serve ingress, for `serve deploy` (see `policy-server ray-config`):
+    the same app as `policy-server serve`, built inside the replica around the policy handle."""
+
+    def __init__(self, settings: dict[str, Any], policy: Any) -> None:
+        self._settings = Settings.model_validate(settings)
+        self._policy = policy
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from policy_server.server import build_app
+
+        def callers(registry: Any, metrics: Any) -> dict[tuple[str, str], RayForward]:
+            return {
+                (p.name, p.version): RayForward(
+                    self._policy, None, metrics.replica_observer(p.name)
+                )
+                for p in registry
+            }
+
+        return build_app(self._settings, callers)
+
+
+def application(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder: `import_path: policy_server.ray_backend:application`."""
+    settings = Settings.model_validate(args)
+    shared = settings.model_dump(mode="json", exclude={"api_key"})
+    policy = PolicyDeployment.options(**deployment_options(settings)).bind(shared)  # type: ignore[attr-defined]
+    return ApiIngress.bind(shared, policy)  # type: ignore[attr-defined]
+
+
+def serve_config(settings: Settings) -> dict[str, Any]:
+    """A config file that `serve deploy` accepts, for a Ray cluster or KubeRay's RayService."""
+    defaults = Settings.model_construct().model_dump(mode="json")
+    skipped = {"api_key", "use_ray", "backend", "ray_address"}  # secrets, and this process's
+    args = {
+        name: value
+        for name, value in settings.model_dump(mode="json", exclude=skipped).items()
+        if value != defaults.get(name)
+    }
+    args["policy_path"] = str(settings.policy_path.resolve())
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.host, "port": settings.port},
+        "applications": [
+            {
+                "name": f"policy-{settings.resolved_policy_name}",
+                "route_prefix": "/",
+                "import_path": "policy_server.ray_backend:application",
+                "args": args,
+            }
+        ],
+    }

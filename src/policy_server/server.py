@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI
 
@@ -32,7 +33,12 @@ def resolve_api_key(settings: Settings, policy: LoadedPolicy) -> str | None:
     )
 
 
-def build_app(settings: Settings) -> FastAPI:
+CallerFactory = Callable[[PolicyRegistry, Metrics], Mapping[tuple[str, str], ModelCaller]]
+
+
+def build_app(settings: Settings, callers: CallerFactory | None = None) -> FastAPI:
+    """The whole server for `settings`; `callers` overrides how model calls are made (the
+    Ray Serve ingress passes its deployment handle)."""
     configure_logging(settings.log_level)
     metrics = Metrics()
     started = time.perf_counter()
@@ -43,7 +49,8 @@ def build_app(settings: Settings) -> FastAPI:
     registry = PolicyRegistry()
     registry.add(policy)
     api_key = resolve_api_key(settings, policy)
-    service = PolicyService(registry, _model_callers(registry, settings, metrics), metrics)
+    make_callers = callers or (lambda r, m: _model_callers(r, settings, m))
+    service = PolicyService(registry, make_callers(registry, metrics), metrics)
     app = create_app(service, settings, api_key, metrics)
     # Everything loaded so far lives as long as the process: keep the cyclic garbage
     # collector from walking it again and again, which shows up as tail latency.
