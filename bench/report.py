@@ -62,6 +62,39 @@ def render_target(name: str, f: dict[str, Any]) -> list[str]:
         f"| {_verdict(f['peak_memory_mb'] <= 250)} |",
         "",
     ]
+    if "ours_ray_c32" in f:
+        lines += render_ray(f)
+    return lines
+
+
+def render_ray(f: dict[str, Any]) -> list[str]:
+    reference = f["original_ray_c32"]
+    lines = [
+        "Ray backend (`--backend ray`, one replica, local Ray) against reference (c), the "
+        "original design with Ray (FastAPI, a Ray Serve handle, one TensorFlow call per request):",
+        "",
+        "| server | connections | requests/s | p50 ms | p99 ms | vs reference (c) | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (
+        ("ours_ray", "policy-server, Ray backend"),
+        ("original_ray", "reference (c)"),
+    ):
+        for connections in (1, 32):
+            load, base = f[f"{name}_c{connections}"], f[f"original_ray_c{connections}"]
+            lines.append(
+                f"| {label} | {connections} | {load.requests_per_s:,.0f} | {load.p50_ms:.2f} "
+                f"| {load.p99_ms:.2f} | {load.requests_per_s / base.requests_per_s:.1f}x "
+                f"| {load.errors} |"
+            )
+    ratio = f["ours_ray_c32"].requests_per_s / reference.requests_per_s
+    lines += [
+        "",
+        "| target | this run | verdict |",
+        "|---|---|---|",
+        f"| Ray backend c32 >= 10x reference (c) | {ratio:.1f}x | {_verdict(ratio >= 10)} |",
+        "",
+    ]
     return lines
 
 
@@ -79,7 +112,8 @@ def render(results: dict[str, dict[str, Any]], machine: str, duration: int) -> s
         "(a) `bench/references/original.py`, the original design's request path without Ray",
         "(FastAPI + pydantic, one TensorFlow signature call per request); (b)",
         "`bench/references/ceiling.py`, a FastAPI route with the same validation that returns a",
-        "constant (the HTTP ceiling).",
+        "constant (the HTTP ceiling); (c) `bench/references/original_ray.py`, the original",
+        "design with Ray (FastAPI, a Ray Serve handle, one TensorFlow call per request).",
         "",
         TARGETS,
         "",

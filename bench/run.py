@@ -173,7 +173,7 @@ def ours(target: Target, cache: Path, *flags: str) -> Server:
     return Server(command, ("/predict", target.observation, target.key))
 
 
-def measure_target(target: Target, duration: int) -> dict[str, Any]:
+def measure_target(target: Target, duration: int, with_ray: bool) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=OUT))
     cold = ours(target, cache)
@@ -224,7 +224,31 @@ def measure_target(target: Target, duration: int) -> dict[str, Any]:
             figures[f"{name}_peak_memory_mb"] = reference.peak_memory_mb()
         finally:
             reference.stop()
+    if with_ray:
+        figures |= measure_ray(target, cache, duration)
     shutil.rmtree(cache, ignore_errors=True)
+    return figures
+
+
+def measure_ray(target: Target, cache: Path, duration: int) -> dict[str, Any]:
+    """The Ray backend (one replica) against reference (c), the original design with Ray."""
+    figures: dict[str, Any] = {}
+    server = ours(target, cache, "--backend", "ray", "--ray-replica-cpus", "1")
+    reference = Server(
+        [PYTHON, str(BENCH / "references" / "original_ray.py"), str(target.path), "{port}"],
+        ("/predict", target.observation, target.key),
+        {"TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    for name, process in (("ours_ray", server), ("original_ray", reference)):
+        process.start()
+        try:
+            for connections in (1, 32):
+                figures[f"{name}_c{connections}"] = wrk(
+                    process.url + "/predict", target.observation, target.key, connections, duration
+                )
+        finally:
+            process.stop()
+            time.sleep(3)  # let the local Ray instance go before the next one starts
     return figures
 
 
@@ -286,9 +310,10 @@ def main() -> None:
     arguments = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    for target in targets():
+    for index, target in enumerate(targets()):
         print(f"== {target.name}", flush=True)
-        results[target.name] = measure_target(target, arguments.duration)
+        # Ray is measured on the first policy only: each Ray start costs tens of seconds.
+        results[target.name] = measure_target(target, arguments.duration, with_ray=index == 0)
         print(json.dumps(results[target.name], default=vars, indent=1), flush=True)
     from report import render
 

@@ -61,7 +61,12 @@ class PolicyDeployment:
 
 def deployment_options(settings: Settings) -> dict[str, Any]:
     """Replicas: a fixed count, or Ray Serve's autoscaling between MIN and MAX."""
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": settings.ray_replica_cpus}}
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.ray_replica_cpus},
+        # Serve's default (5 in flight per replica) would keep serve.batch from ever filling
+        # a batch: requests wait in the router instead, and throughput collapses under load.
+        "max_ongoing_requests": max(2 * settings.max_batch_size, 32),
+    }
     if settings.autoscale:
         low, high = (int(part) for part in settings.autoscale.split(":"))
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high}
