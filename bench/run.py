@@ -168,6 +168,9 @@ def ours(target: Target, cache: Path, *flags: str) -> Server:
         "warning",
         "--metrics-port",
         "0",
+        # SDK generation would run four JVMs beside the measurement.
+        "--client-languages",
+        "",
         *flags,
     ]
     return Server(command, ("/predict", target.observation, target.key))
