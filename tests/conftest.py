@@ -144,3 +144,14 @@ def example_server(
 ) -> Iterator[RunningServer]:
     with serving(EXAMPLE, cache_dir, tmp_path_factory.mktemp("example"), EXAMPLE_KEY) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def example_with_metrics(
+    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningServer, str]]:
+    """The bundled example with its metrics port on; yields the server and the /metrics URL."""
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("metrics")
+    with serving(EXAMPLE, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
+        yield server, f"http://127.0.0.1:{port}/metrics"

@@ -2,13 +2,10 @@
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, serving
+from tests.conftest import EXAMPLE_KEY, RunningServer
 
 OBSERVATION = {
     "cart_position": 0.0,
@@ -16,16 +13,6 @@ OBSERVATION = {
     "pole_angle": 0.2,
     "pole_angular_velocity": 1.0,
 }
-
-
-@pytest.fixture(scope="module")
-def observed(
-    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[RunningServer, str]]:
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("metrics")
-    with serving(EXAMPLE, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
-        yield server, f"http://127.0.0.1:{port}/metrics"
 
 
 def samples(text: str) -> dict[str, float]:
@@ -37,8 +24,10 @@ def samples(text: str) -> dict[str, float]:
     return found
 
 
-def test_metrics_count_requests_batches_and_actions(observed: tuple[RunningServer, str]) -> None:
-    server, metrics_url = observed
+def test_metrics_count_requests_batches_and_actions(
+    example_with_metrics: tuple[RunningServer, str],
+) -> None:
+    server, metrics_url = example_with_metrics
     with server.client() as client:
         for _ in range(10):
             assert client.post("/predict", json=OBSERVATION).status_code == 200
@@ -63,8 +52,10 @@ def test_metrics_count_requests_batches_and_actions(observed: tuple[RunningServe
     assert "# TYPE policy_server_requests_total counter" in text
 
 
-def test_one_json_line_per_request_without_the_key(observed: tuple[RunningServer, str]) -> None:
-    server, _ = observed
+def test_one_json_line_per_request_without_the_key(
+    example_with_metrics: tuple[RunningServer, str],
+) -> None:
+    server, _ = example_with_metrics
     response = httpx.post(
         server.url + "/predict",
         params={"access-token": EXAMPLE_KEY},

@@ -4,14 +4,11 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, ROOT, RunningServer, free_port, serving
+from tests.conftest import ROOT, RunningServer
 
 DEPLOY = ROOT / "deploy"
 
@@ -47,18 +44,10 @@ def test_image_runs_the_readme_command_as_a_non_root_user() -> None:
     assert dockerfile.count("FROM ") >= 2, "multi-stage build"
 
 
-@pytest.fixture(scope="module")
-def scraped(
-    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[RunningServer, str]]:
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("deploy")
-    with serving(EXAMPLE, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
-        yield server, f"http://127.0.0.1:{port}/metrics"
-
-
-def test_every_metric_the_dashboard_queries_is_exported(scraped: tuple[RunningServer, str]) -> None:
-    server, metrics_url = scraped
+def test_every_metric_the_dashboard_queries_is_exported(
+    example_with_metrics: tuple[RunningServer, str],
+) -> None:
+    server, metrics_url = example_with_metrics
     with server.client() as client:
         client.post("/predict_raw", json={"obs": [0.0, 0.0, 0.1, 0.0]})
         client.post("/predict_raw", json={"obs": [0.0]})
