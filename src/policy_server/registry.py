@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -60,6 +61,6 @@ class PolicyRegistry:
             )
         return versions[version]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[LoadedPolicy]:
         for versions in self._policies.values():
             yield from versions.values()

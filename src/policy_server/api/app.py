@@ -59,7 +59,6 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=metrics, policy=default.name)
-    app.state.service = service
     dependencies = [Depends(require_api_key(api_key))] if api_key is not None else []
     app.router.route_class = FastJSONRoute
     for policy in registry:
