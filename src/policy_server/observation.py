@@ -88,8 +88,12 @@ class Vectorizer:
         self.width = width
         self._names = [f.name for f in self.fields]
         self._lists = [f.type.is_list for f in self.fields]
+        self._scalars_only = not any(self._lists)
 
     def row(self, observation: BaseModel) -> list[float]:
+        if self._scalars_only:
+            # A validated model holds its fields in declaration order: the schema's order.
+            return list(observation.__dict__.values())
         values: list[float] = []
         for name, is_list in zip(self._names, self._lists, strict=True):
             value = getattr(observation, name)

@@ -106,6 +106,13 @@ def test_model_onnx_policy(tmp_path: Path) -> None:
     np.testing.assert_allclose(outputs.logits, obs @ weights + bias, rtol=1e-6)
     assert outputs.value is not None
     np.testing.assert_allclose(outputs.value, [-0.5])
+    # Large batches run on a multi-threaded session: same answers.
+    many = (
+        np.random.default_rng(2).normal(size=(OnnxRuntime.LARGE_BATCH + 44, 3)).astype(np.float32)
+    )
+    np.testing.assert_allclose(
+        policy.runtime.forward(many).logits, many @ weights + bias, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

@@ -61,12 +61,11 @@ def convert(runtime: TensorFlowRuntime, target: Path) -> OnnxRuntime:
     entry.key, entry.value = LAYOUT_KEY, onnx_layout.to_json()
     staging = _write_staging(model.SerializeToString(), target)
     try:
-        converted = OnnxRuntime(open_session(staging), onnx_layout, target)
-        verify(runtime, converted)
+        verify(runtime, OnnxRuntime(open_session(staging), onnx_layout, staging))
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
-    return converted
+    return OnnxRuntime(open_session(target), onnx_layout, target)
 
 
 def _write_staging(data: bytes, target: Path) -> Path:

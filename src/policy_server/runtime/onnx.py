@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,13 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
-def open_session(path: Path) -> Any:
+def open_session(path: Path, threads: int = 1) -> Any:
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    # Policies are small: threads cost more than they give, and the HTTP side needs a core.
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle pool threads must not spin: the event loop shares the cores with them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own, unexported exception types
@@ -75,10 +77,15 @@ def stored_layout(session: Any) -> OnnxLayout | None:
 
 
 class OnnxRuntime:
+    """Small batches (single requests, micro-batches) run on one thread, where a thread pool
+    costs more than it gives; large ones (batch requests) on every core."""
+
     name = "onnx"
+    LARGE_BATCH = 256
 
     def __init__(self, session: Any, layout: OnnxLayout, source: Path) -> None:
         self._session = session
+        self._large_session = open_session(source, threads=os.cpu_count() or 1)
         self.layout = layout
         self.source = source
         self.observation_width = layout.observation_width
@@ -99,6 +106,8 @@ class OnnxRuntime:
         )
 
     def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
-        results = self._session.run(self._outputs, {self._input: observations})
+        large = len(observations) >= self.LARGE_BATCH
+        session = self._large_session if large else self._session
+        results = session.run(self._outputs, {self._input: observations})
         value = results[1].reshape(-1) if len(results) > 1 else None
         return ModelOutputs(logits=results[0], value=value)
