@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -90,9 +91,20 @@ class Vectorizer:
         self._lists = [f.type.is_list for f in self.fields]
         self._scalars_only = not any(self._lists)
 
+    def rows(
+        self, observations: Sequence[BaseModel], raw_model: type[BaseModel]
+    ) -> list[list[float]]:
+        """Model input rows for typed observations or raw `{"obs": [...]}` bodies."""
+        if self._scalars_only and not any(isinstance(o, raw_model) for o in observations):
+            # A validated model holds its fields in declaration order: the schema's order.
+            return [list(observation.__dict__.values()) for observation in observations]
+        return [
+            observation.obs if isinstance(observation, raw_model) else self.row(observation)  # type: ignore[attr-defined]
+            for observation in observations
+        ]
+
     def row(self, observation: BaseModel) -> list[float]:
         if self._scalars_only:
-            # A validated model holds its fields in declaration order: the schema's order.
             return list(observation.__dict__.values())
         values: list[float] = []
         for name, is_list in zip(self._names, self._lists, strict=True):

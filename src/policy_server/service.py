@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -20,8 +20,9 @@ from policy_server.runtime.base import ModelOutputs
 from policy_server.settings import Settings
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(TypedDict):
+    """A plain dict at run time: batch answers build thousands, and a dict is the cheapest."""
+
     actions: list[Any]
     probability: float
     log_probability: float
@@ -87,7 +88,7 @@ class PolicyService:
         deterministic: bool = False,
         seed: int | None = None,
     ) -> list[Prediction]:
-        rows = as_batch([_row(policy, observation) for observation in observations])
+        rows = as_batch(policy.vectorizer.rows(observations, policy.raw_model))
         return await self.predict_rows(policy, rows, deterministic=deterministic, seed=seed)
 
     async def predict_rows(
@@ -112,7 +113,9 @@ class PolicyService:
     async def distribution(
         self, policy: LoadedPolicy, observation: BaseModel
     ) -> DistributionResult:
-        outputs = await self._forward(policy, as_batch([_row(policy, observation)]))
+        outputs = await self._forward(
+            policy, as_batch(policy.vectorizer.rows([observation], policy.raw_model))
+        )
         exact = policy.distribution.distribution(outputs.logits)
         mode = policy.distribution.mode(outputs.logits)
         return DistributionResult(
@@ -141,18 +144,12 @@ class PolicyService:
         return outputs
 
 
-def _row(policy: LoadedPolicy, observation: BaseModel) -> list[float]:
-    if isinstance(observation, policy.raw_model):
-        values: list[float] = observation.obs  # type: ignore[attr-defined]
-        return values
-    return policy.vectorizer.row(observation)
-
-
 def _predictions(chosen: Actions, outputs: ModelOutputs) -> list[Prediction]:
     values = chosen.values.tolist()
     log_probs = chosen.log_prob.tolist()
+    probabilities = np.exp(chosen.log_prob).tolist()
     estimates = [None] * len(values) if outputs.value is None else outputs.value.tolist()
     return [
-        Prediction(actions, float(np.exp(log_prob)), log_prob, value)
-        for actions, log_prob, value in zip(values, log_probs, estimates, strict=True)
+        {"actions": a, "probability": p, "log_probability": lp, "value": v}
+        for a, p, lp, v in zip(values, probabilities, log_probs, estimates, strict=True)
     ]
