@@ -46,11 +46,6 @@ class NotAuthenticated(PolicyServerError):
     code = "not_authenticated"
 
 
-class PayloadTooLarge(PolicyServerError):
-    status_code = 413
-    code = "payload_too_large"
-
-
 class ClientsNotReady(PolicyServerError):
     status_code = 503
     code = "clients_not_ready"

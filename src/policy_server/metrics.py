@@ -104,6 +104,10 @@ class Metrics:
 
     def count_actions(self, policy: str, actions: npt.NDArray[np.int64]) -> None:
         """Count discrete actions per component and value, so that drift shows over time."""
+        if actions.shape[0] == 1:  # a single request: no need to tally
+            for component, value in enumerate(actions[0].tolist()):
+                self._action_child(policy, component, value).inc()
+            return
         for component in range(actions.shape[1]):
             values, counts = np.unique(actions[:, component], return_counts=True)
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
