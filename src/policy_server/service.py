@@ -73,9 +73,6 @@ class PolicyService:
         self._rng = np.random.default_rng()
         self._callers = dict(callers)
 
-    def policy(self, name: str | None = None, version: str | None = None) -> LoadedPolicy:
-        return self.registry.get(name, version)
-
     async def close(self) -> None:
         for caller in self._callers.values():
             await caller.close()
