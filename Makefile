@@ -47,6 +47,7 @@ system-bench:
 
 bench: install system-bench
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/components.py
 
 example: install
 	$(BIN)/python examples/make_cartpole.py --out $(EXAMPLE)

@@ -127,31 +127,30 @@ def render(results: dict[str, dict[str, Any]], machine: str, duration: int) -> s
 ANALYSIS = """\
 ## Where the time goes, and what would close the gaps
 
-Profiles of the server under 32 connections (py-spy, `bench/PROFILING.md` says how) show
-the request path's own work, on top of what the ceiling does: the API-key check (three
-FastAPI security dependencies, header, query and cookie: about 35 us a request), building
-and sampling the action distribution in numpy (about 15 us), the ONNX call (about 10 us for
-these policies), the metrics and request id of every request, and the micro-batcher's
-hand-off between the request and the model call.
-The ceiling does none of that, so at 4,000 to 8,000 requests/s a request's budget of
-150-250 us leaves little room: the 0.9x target would need the per-request work to cost
-under 20 us, which one Python process cannot do while it also checks the key and samples.
+The cost of each part of the request path is measured in-process by `bench/components.py`
+(run by `make bench`) and recorded in [COMPONENTS.md](COMPONENTS.md); `bench/PROFILING.md`
+says how to profile the running server. On top of what the ceiling does, a prediction
+pays for the API-key check (three FastAPI security dependencies: header, query and cookie),
+sampling the action from the logits, the forward pass, the metrics and request id of every
+request, and the micro-batcher's hand-off to the model call. At 4,000 to 8,000 requests/s
+a request's whole budget is 125-250 us: the 0.9x target would need all of that to cost
+about a tenth of the budget, which one Python process cannot do while it checks the key
+and samples.
 
-What was done: ONNX Runtime instead of TensorFlow (about 10 us instead of 350 us a call),
-single requests on a one-thread session and batches of 256 or more on a session using every
-core without spinning (1,000 rows of mouse_and_cheese: about 1.8 ms instead of 2.9 ms);
-the model runs on the event loop rather than in a thread (a thread hand-off cost about
-150 us a request, more than the model); routes are registered on the app's own router
-(FastAPI's include_router adds a matching layer); orjson parses and writes JSON; the
-cyclic garbage collector is frozen after start-up (in a profiling run, p99 at 32
-connections went from about 34 ms to about 12 ms); uvicorn runs with httptools and uvloop.
+What was done: ONNX Runtime instead of TensorFlow (see COMPONENTS.md for both forward
+passes); single requests on a one-thread ONNX session and batches of 256 or more on a
+session using every core without spinning; the model runs on the event loop rather than
+in a thread (a thread hand-off costs more than the model call); routes are registered on
+the app's own router (FastAPI's include_router adds a matching layer); orjson parses and
+writes JSON; the cyclic garbage collector is frozen after start-up, which keeps its pauses
+out of the tail latency; uvicorn runs with httptools and uvloop.
 
-What would close the rest: several server processes behind one port (uvicorn `--workers`,
-or the Ray backend's replicas) so that HTTP parsing uses every core; an authentication
-check as one ASGI middleware instead of three dependencies; and a compiled sampler for
-single observations. The batch endpoint is limited by pydantic building one model object
-per observation, by writing 1,000 JSON objects, and for mouse_and_cheese (two 256-unit
-layers) by the model itself on two cores shared with the HTTP side; `/predict_raw_batch`
-skips the per-field objects. A columnar response (one array per output) would remove most
-of the rest.
+What would close the rest: several server processes behind one port (uvicorn workers, or
+the Ray backend's replicas behind Serve's proxy) so that HTTP parsing uses every core; the
+key check as one ASGI middleware instead of three dependencies; and a compiled sampler
+for single observations. The batch endpoint is limited by pydantic building one object per
+observation, by writing 1,000 JSON objects and, for mouse_and_cheese (two 256-unit
+layers), by the forward pass itself on two cores shared with the HTTP side;
+`/predict_raw_batch` skips the per-field objects, and a columnar response (one array per
+output) would remove most of the rest.
 """

@@ -306,12 +306,34 @@ def targets() -> list[Target]:
     return found
 
 
+def _loads(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """results.json back into figures: wrk measurements become Load objects again."""
+    return {
+        name: {
+            key: Load(**value) if isinstance(value, dict) else value
+            for key, value in figures.items()
+        }
+        for name, figures in saved.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--out", type=Path, default=BENCH / "RESULTS.md")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite RESULTS.md from the last run's bench/out/results.json",
+    )
     arguments = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if arguments.render:
+        from report import render
+
+        saved = json.loads((OUT / "results.json").read_text())
+        arguments.out.write_text(render(_loads(saved), machine(), arguments.duration))
+        return
     results = {}
     for index, target in enumerate(targets()):
         print(f"== {target.name}", flush=True)
