@@ -104,8 +104,6 @@ class Vectorizer:
         ]
 
     def row(self, observation: BaseModel) -> list[float]:
-        if self._scalars_only:
-            return list(observation.__dict__.values())
         values: list[float] = []
         for name, is_list in zip(self._names, self._lists, strict=True):
             value = getattr(observation, name)
