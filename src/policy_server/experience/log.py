@@ -1,0 +1,336 @@
+"""The decision log: records queued by the event loop, written by one thread in group commits.
+
+The request path only appends to a bounded queue. A writer thread takes everything waiting,
+writes it as one block, fsyncs once when a caller needs durability, updates the index in
+one transaction, then answers everyone in that group. A full queue makes callers wait
+(back-pressure) instead of growing memory or dropping records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry
+
+from policy_server.experience.files import (
+    Compressor,
+    ReadStats,
+    RotatingStream,
+    check_worker,
+    leftovers,
+    lock_worker,
+    read_file,
+)
+from policy_server.experience.index import DecisionIndex
+from policy_server.experience.metrics import DecisionLogMetrics
+from policy_server.experience.records import episode_end_record, reward_record
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_DUMPS_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+
+
+class DecisionLogClosed(RuntimeError):
+    """The log is closed, or its writer failed; nothing more can be acknowledged."""
+
+
+@dataclass
+class _Batch:
+    records: list[Mapping[str, Any]]
+    decision_ids: list[str]
+    # Set once the batch is written and fsync'ed; None when the caller does not wait for it.
+    done: concurrent.futures.Future[None] | None = field(default=None)
+
+
+class DecisionLog:
+    """Decisions, rewards and episode ends of one worker process, in `directory`.
+
+    `sync=True` answers `append` only once its records are fsync'ed (grouped with everything
+    else waiting), so a killed process loses nothing acknowledged. Otherwise `append` returns
+    once the records are queued, and `close()` (SIGTERM, lifespan shutdown) writes them all.
+    Several processes may share a directory, each with its own `worker` name.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        worker: str = "0",
+        sync: bool = False,
+        max_queue: int = 10_000,
+        rotate_bytes: int = 64 * MiB,
+        rotate_seconds: float = 3600.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if max_queue < 1 or rotate_bytes < 1 or rotate_seconds <= 0:
+            raise ValueError("max_queue, rotate_bytes and rotate_seconds must be positive")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.worker = check_worker(worker)
+        self.sync = sync
+        self.max_queue = max_queue
+        self._lock_file = lock_worker(self.directory, worker)
+        self.metrics = DecisionLogMetrics(registry)
+        self._index = DecisionIndex(self.directory, durable=sync)
+        self._compressor = Compressor()
+        self._recover()
+        self._awaiting = self._index.awaiting_reward()
+        self.metrics.awaiting_reward.set(self._awaiting)
+        self._stream = RotatingStream(
+            self.directory, worker, rotate_bytes, rotate_seconds, self._compressor.submit
+        )
+        self._cond = threading.Condition()
+        self._pending: deque[_Batch] = deque()
+        self._queued = 0
+        self._queued_ids: set[str] = set()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+        self._thread.start()
+
+    async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Queue records; waits while the queue is full, and in sync mode until written."""
+        if not records:
+            return
+        batch = self._batch(records)
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._offer(batch):
+                    break
+                waiter = loop.create_future()
+                self._waiters.append((loop, waiter))
+            await waiter
+        if batch.done is not None:
+            await asyncio.wrap_future(batch.done)
+
+    def append_blocking(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """`append` for threads outside an event loop (scripts, tests, tools)."""
+        if not records:
+            return
+        batch = self._batch(records)
+        with self._cond:
+            while not self._offer(batch):
+                self._cond.wait()
+        if batch.done is not None:
+            batch.done.result()
+
+    async def add_rewards(self, items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Log rewards for known decisions; one result per item, in order.
+
+        Status: "joined", "unknown_decision" (never logged here, or still queued in another
+        worker process), or "invalid" (a reward that is not a finite number).
+        """
+        items = list(items)
+        known = await self._known([str(item.get("decision_id")) for item in items])
+        results, records = [], []
+        for item in items:
+            decision_id = str(item.get("decision_id"))
+            status = _reward_status(item, decision_id in known)
+            results.append({"decision_id": decision_id, "status": status})
+            if status == "joined":
+                records.append(
+                    reward_record(
+                        decision_id,
+                        float(item["reward"]),
+                        item.get("terminated"),
+                        item.get("truncated"),
+                    )
+                )
+        self.metrics.unknown_rewards.inc(sum(r["status"] == "unknown_decision" for r in results))
+        await self.append(records)
+        return results
+
+    async def end_episode(
+        self, episode_id: str, terminated: bool = True, truncated: bool = False
+    ) -> dict[str, Any]:
+        """Close an episode: status "closed", or "unknown_episode" when no decision has it."""
+        known = self._episode_queued(episode_id) or await asyncio.to_thread(
+            self._index.has_episode, episode_id
+        )
+        if not known:
+            return {"episode_id": episode_id, "status": "unknown_episode"}
+        await self.append([episode_end_record(episode_id, terminated, truncated)])
+        return {"episode_id": episode_id, "status": "closed"}
+
+    def close(self) -> None:
+        """Write everything queued, close and compress the current file. Idempotent."""
+        with self._cond:
+            if self._closing:
+                already = True
+            else:
+                already, self._closing = False, True
+                self._cond.notify_all()
+        self._thread.join()
+        if already:
+            return
+        self._compressor.close()
+        self._index.close()
+        self._lock_file.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    def _batch(self, records: Sequence[Mapping[str, Any]]) -> _Batch:
+        ids = [str(r["decision_id"]) for r in records if r.get("type") == "decision"]
+        done: concurrent.futures.Future[None] | None = (
+            concurrent.futures.Future() if self.sync else None
+        )
+        return _Batch(list(records), ids, done)
+
+    def _offer(self, batch: _Batch) -> bool:
+        """Queue the batch if there is room (an oversized batch goes alone into an empty
+        queue). The caller holds the condition."""
+        if self._closing or self._failure is not None:
+            raise DecisionLogClosed(self._closed_reason())
+        size = len(batch.records)
+        if self._queued and self._queued + size > self.max_queue:
+            return False
+        self._pending.append(batch)
+        self._queued += size
+        self._queued_ids.update(batch.decision_ids)
+        self.metrics.queue_depth.set(self._queued)
+        self._cond.notify_all()
+        return True
+
+    async def _known(self, decision_ids: list[str]) -> set[str]:
+        # Checked before the index: the writer drops an id from this set only after the
+        # index transaction holding it has committed, so no id falls between the two.
+        with self._cond:
+            known = {i for i in decision_ids if i in self._queued_ids}
+        rest = [i for i in decision_ids if i not in known]
+        if rest:
+            known |= await asyncio.to_thread(self._index.known, rest)
+        return known
+
+    def _episode_queued(self, episode_id: str) -> bool:
+        with self._cond:
+            return any(r.get("episode_id") == episode_id for b in self._pending for r in b.records)
+
+    def _closed_reason(self) -> str:
+        if self._failure is not None:
+            return f"the decision log's writer failed: {self._failure!r}"
+        return "the decision log is closed"
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not self._pending and not self._closing:
+                        self._cond.wait(self._stream.seconds_to_rotation())
+                    batches = list(self._pending)
+                    self._pending.clear()
+                    stop = self._closing and not batches
+                if batches:
+                    self._commit(batches)
+                self._stream.rotate_if_due()
+                if stop:
+                    break
+            self._stream.close()
+        except BaseException as error:
+            logger.exception("the decision log's writer failed; refusing further records")
+            self._fail(error)
+
+    def _commit(self, batches: list[_Batch]) -> None:
+        started = time.perf_counter()
+        lines, decisions, rewarded = [], [], []
+        for batch in batches:
+            for record in batch.records:
+                lines.append(orjson.dumps(record, option=_DUMPS_OPTIONS))
+                kind = record.get("type")
+                if kind == "decision":
+                    decisions.append((str(record["decision_id"]), record.get("episode_id")))
+                elif kind == "reward":
+                    rewarded.append(str(record["decision_id"]))
+        data = b"".join(lines)
+        # Rotating here too puts a group that arrives after the deadline in a new file even
+        # when the writer thread has not woken since.
+        self._stream.rotate_if_due()
+        self._stream.write(data)
+        self._stream.flush(durable=any(b.done is not None for b in batches))
+        inserted, first_rewards = self._index.commit(decisions, rewarded)
+        self._count(len(decisions), len(rewarded), len(data), inserted - first_rewards)
+        self.metrics.write_seconds.observe(time.perf_counter() - started)
+        self._release(batches)
+
+    def _count(self, decisions: int, rewards: int, size: int, awaiting_change: int) -> None:
+        self.metrics.decisions.inc(decisions)
+        self.metrics.rewards.inc(rewards)
+        self.metrics.bytes.inc(size)
+        self._awaiting += awaiting_change
+        self.metrics.awaiting_reward.set(self._awaiting)
+
+    def _release(self, batches: list[_Batch]) -> None:
+        with self._cond:
+            for batch in batches:
+                self._queued -= len(batch.records)
+                self._queued_ids.difference_update(batch.decision_ids)
+            self.metrics.queue_depth.set(self._queued)
+            self._wake_waiters()
+        for batch in batches:
+            if batch.done is not None:
+                batch.done.set_result(None)
+
+    def _wake_waiters(self) -> None:
+        """Wake every caller waiting for room (they retry); called holding the condition."""
+        self._cond.notify_all()
+        waiters, self._waiters = self._waiters, []
+        for loop, waiter in waiters:
+            # A closed loop raises RuntimeError: nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, waiter)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._failure = error
+            batches = list(self._pending)
+            self._pending.clear()
+            self._wake_waiters()
+        for batch in batches:
+            if batch.done is not None and not batch.done.done():
+                batch.done.set_exception(DecisionLogClosed(self._closed_reason()))
+        if self._queued:
+            logger.error("the decision log lost %d queued records", self._queued)
+
+    def _recover(self) -> None:
+        """Index the decisions of files a killed process left uncompressed, then gzip them:
+        the writer indexes each group right after writing it, so only they can lag."""
+        for path in leftovers(self.directory, self.worker):
+            decisions, rewarded = [], []
+            for record in read_file(path, ReadStats()):
+                if record.get("type") == "decision":
+                    decisions.append((str(record["decision_id"]), record.get("episode_id")))
+                elif record.get("type") == "reward":
+                    rewarded.append(str(record["decision_id"]))
+            self._index.commit(decisions, rewarded)
+            self._compressor.submit(path)
+
+
+def _reward_status(item: Mapping[str, Any], known: bool) -> str:
+    reward = item.get("reward")
+    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+        return "invalid"
+    return "joined" if known else "unknown_decision"
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
