@@ -98,15 +98,59 @@ class PolicySchema:
         return None if None in widths else sum(w for w in widths if w is not None)
 
 
+# A schema is a few dozen lines; anything near this size is not one.
+MAX_SCHEMA_BYTES = 1 << 20
+
+
+class _AliasRefused(yaml.YAMLError):
+    pass
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """safe_load without aliases: nine lines of `&a`/`*a` can stand for a billion values,
+    and a schema never needs them. Tags that construct objects are refused by SafeLoader."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.get_mark()
+            raise _AliasRefused(f"line {mark.line + 1}")
+        return super().compose_node(parent, index)
+
+
 def load_schema(path: Path) -> PolicySchema:
     """Read and validate a schema.yaml file; raise PolicyLoadError naming the bad field."""
+    return parse_schema(_read_yaml(path), source=str(path))
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SCHEMA_BYTES + 1)
     except FileNotFoundError:
         raise PolicyLoadError(f"{path}: no schema.yaml found") from None
+    if len(data) > MAX_SCHEMA_BYTES:
+        raise PolicyLoadError(
+            f"{path}: larger than {MAX_SCHEMA_BYTES} bytes; a schema.yaml lists the "
+            "observation fields and parameters only"
+        )
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=_PlainLoader)
+    except UnicodeDecodeError as error:
+        raise PolicyLoadError(f"{path}: not UTF-8 text ({error})") from None
+    except _AliasRefused as error:
+        raise PolicyLoadError(
+            f"{path}: uses a YAML alias (*name) at {error}; write the values out, "
+            "schema.yaml does not accept anchors and aliases"
+        ) from None
+    except yaml.constructor.ConstructorError as error:
+        raise PolicyLoadError(
+            f"{path}: uses a YAML tag that is not plain data ({error.problem}); remove it: "
+            "schema.yaml holds mappings, lists, strings, numbers and booleans only"
+        ) from None
     except yaml.YAMLError as error:
         raise PolicyLoadError(f"{path}: not valid YAML: {error}") from None
-    return parse_schema(document, source=str(path))
+    except RecursionError:
+        raise PolicyLoadError(f"{path}: nests too deeply to be a schema.yaml") from None
 
 
 def parse_schema(document: Any, source: str = "schema.yaml") -> PolicySchema:

@@ -1,90 +1,285 @@
-"""Run an RLlib SavedModel's `serving_default` signature with TensorFlow."""
+"""Run an RLlib SavedModel's forward pass (observations -> logits, value) with TensorFlow.
+
+The `serving_default` signature says where the logits and the value estimate are; only the
+subgraph computing them is kept, with the variables folded into constants. The graph's own
+action sampling therefore never runs (a mask leaving no legal action makes it fail), TF1
+exports whose sampling reads a placeholder the signature does not take (RLlib's `timestep`)
+still load, and tf2onnx converts exactly the graph that TensorFlow runs.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from policy_server.archive import find_saved_model
 from policy_server.errors import PolicyLoadError
 from policy_server.runtime.base import ModelOutputs, SignatureLayout, TensorInfo, read_layout
+from policy_server.runtime.quiet import (
+    native_stderr_captured,
+    quiet_framework_loggers,
+    quiet_frameworks,
+)
 from policy_server.schema import Parameters
 
 logger = logging.getLogger(__name__)
 
+SIGNATURE = "serving_default"
+_MAX_CACHED_BATCHES = 256
+
 
 def import_tensorflow() -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise PolicyLoadError(
-            "serving a SavedModel needs TensorFlow: pip install 'policy-server[tensorflow]'"
-        ) from None
-    return tf
+    if "tensorflow" not in sys.modules:
+        try:
+            with native_stderr_captured():
+                importlib.import_module("tensorflow")
+        except ImportError:
+            raise PolicyLoadError(
+                "serving a SavedModel needs TensorFlow: pip install 'policy-server[tensorflow]'"
+            ) from None
+    quiet_framework_loggers()
+    return sys.modules["tensorflow"]
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A placeholder besides the observations that the forward pass reads, with its shape
+    (None for the batch) and the value RLlib feeds at inference."""
+
+    tensor: str
+    shape: tuple[int | None, ...]
+    dtype: str
+    fill: int
+
+
+@dataclass(frozen=True)
+class FrozenForward:
+    """The forward pass alone, variables folded into constants: what runs and what converts.
+
+    `outputs` names the logits tensor, then the value tensor if the model has one.
+    """
+
+    graph_def: Any
+    observations: str
+    outputs: tuple[str, ...]
+    feeds: tuple[Feed, ...]
+
+
+@dataclass(frozen=True)
+class _Signature:
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+    input_tensors: dict[str, str]
+    output_tensors: dict[str, str]
+    graph_def: Any
+    split_sizes: tuple[int, ...] | None
 
 
 class TensorFlowRuntime:
+    """`model_dir` is the SavedModel or a folder holding it one or two levels down; `source`
+    names the policy in messages (default: the SavedModel's folder)."""
+
     name = "tensorflow"
 
-    def __init__(self, model_dir: Path, parameters: Parameters) -> None:
+    def __init__(self, model_dir: Path, parameters: Parameters, source: str | None = None) -> None:
         tf = import_tensorflow()
         self._tf = tf
-        try:
-            loaded = tf.saved_model.load(str(model_dir))
-            function = loaded.signatures["serving_default"]
-        except (OSError, ValueError, KeyError) as error:
-            raise PolicyLoadError(
-                f"{model_dir}: not a SavedModel with a serving_default signature ({error})"
-            ) from None
-        self._loaded = loaded  # keeps the variables the signature reads alive
-        self.function = function
-        _, input_specs = function.structured_input_signature
-        inputs = {name: _info(spec) for name, spec in input_specs.items()}
-        outputs = {name: _info(spec) for name, spec in function.structured_outputs.items()}
-        self.layout: SignatureLayout = read_layout(
-            inputs, outputs, _split_sizes(function.graph, tf), parameters, str(model_dir)
-        )
+        root = find_saved_model(model_dir, source)
+        self.source = source or str(root)
+        with quiet_frameworks():
+            signature = _load_signature(tf, root, self.source)
+            self.layout: SignatureLayout = read_layout(
+                signature.inputs, signature.outputs, signature.split_sizes, parameters, self.source
+            )
+            self.frozen = _forward_graph(tf, signature, self.layout, self.source)
+            self._run = _pruned(tf, self.frozen)
         self.observation_width = self.layout.observation_width
         self.action_space = self.layout.action_space
-        self._extra_specs = {
-            name: spec for name, spec in input_specs.items() if name != "observations"
-        }
-        self._feeds_by_batch: dict[int, dict[str, Any]] = {}
+        self._feeds_by_batch: dict[int, list[Any]] = {}
 
     def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
-        feeds = self._extra_feeds(observations.shape[0])
-        result = self.function(observations=self._tf.constant(observations), **feeds)
-        value = result.get(self.layout.value_output) if self.layout.value_output else None
-        return ModelOutputs(
-            logits=result[self.layout.logits_output].numpy(),
-            value=None if value is None else value.numpy().reshape(-1),
+        results = self._run(
+            self._tf.constant(observations), *self._extra_feeds(observations.shape[0])
         )
+        value = results[1].numpy().reshape(-1) if len(results) > 1 else None
+        return ModelOutputs(logits=results[0].numpy(), value=value)
 
-    def _extra_feeds(self, batch: int) -> dict[str, Any]:
+    def _extra_feeds(self, batch: int) -> list[Any]:
         feeds = self._feeds_by_batch.get(batch)
         if feeds is None:
-            feeds = {
-                name: self._neutral(name, spec, batch) for name, spec in self._extra_specs.items()
-            }
-            if len(self._feeds_by_batch) < 256:
+            feeds = [
+                self._tf.fill(
+                    [batch if dim is None else dim for dim in feed.shape],
+                    self._tf.constant(feed.fill, dtype=feed.dtype),
+                )
+                for feed in self.frozen.feeds
+            ]
+            if len(self._feeds_by_batch) < _MAX_CACHED_BATCHES:
                 self._feeds_by_batch[batch] = feeds
         return feeds
 
-    def _neutral(self, name: str, spec: Any, batch: int) -> Any:
-        """The value RLlib feeds at inference: zeros, one step per sequence, no training."""
-        shape = [batch if dim is None else dim for dim in spec.shape.as_list()]
-        if name == "seq_lens":
-            return self._tf.ones(shape, dtype=spec.dtype)
-        return self._tf.zeros(shape, dtype=spec.dtype)
+
+def _load_signature(tf: Any, root: Path, source: str) -> _Signature:
+    """Through TensorFlow 2 first; a TF1 graph it cannot lift goes through a v1 session."""
+    try:
+        return _load_v2(tf, root, source)
+    except PolicyLoadError:
+        raise
+    except Exception as v2_error:  # TensorFlow raises many kinds; each means "try v1"
+        try:
+            return _load_v1(tf, root, source)
+        except PolicyLoadError:
+            raise
+        except Exception as v1_error:
+            raise PolicyLoadError(
+                f"{source}: TensorFlow cannot load the SavedModel ({_first_line(v2_error)}; "
+                f"as a TF1 graph: {_first_line(v1_error)}); re-export the policy"
+            ) from None
+
+
+def _load_v2(tf: Any, root: Path, source: str) -> _Signature:
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    loaded = tf.saved_model.load(str(root))
+    if SIGNATURE not in loaded.signatures:
+        raise _no_serving_default(source, list(loaded.signatures))
+    function = loaded.signatures[SIGNATURE]
+    frozen = convert_variables_to_constants_v2(function)
+    _, input_specs = function.structured_input_signature
+    output_specs = function.structured_outputs
+    return _Signature(
+        inputs={name: _info(spec) for name, spec in input_specs.items()},
+        outputs={name: _info(spec) for name, spec in output_specs.items()},
+        # A signature's tensors are flattened in sorted key order, inputs and outputs alike.
+        input_tensors={
+            name: tensor.name
+            for name, tensor in zip(sorted(input_specs), frozen.inputs, strict=False)
+        },
+        output_tensors={
+            name: tensor.name
+            for name, tensor in zip(sorted(output_specs), frozen.outputs, strict=True)
+        },
+        graph_def=frozen.graph.as_graph_def(),
+        split_sizes=_split_sizes(function.graph, tf),
+    )
+
+
+def _load_v1(tf: Any, root: Path, source: str) -> _Signature:
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with v1.Session(graph=graph) as session:
+        meta = v1.saved_model.loader.load(
+            session, [v1.saved_model.tag_constants.SERVING], str(root)
+        )
+        if SIGNATURE not in meta.signature_def:
+            raise _no_serving_default(source, list(meta.signature_def))
+        signature = meta.signature_def[SIGNATURE]
+        output_nodes = [_node(info.name) for info in signature.outputs.values()]
+        graph_def = v1.graph_util.convert_variables_to_constants(
+            session, graph.as_graph_def(), output_nodes
+        )
+    return _Signature(
+        inputs={name: _proto_info(tf, info) for name, info in signature.inputs.items()},
+        outputs={name: _proto_info(tf, info) for name, info in signature.outputs.items()},
+        input_tensors={name: info.name for name, info in signature.inputs.items()},
+        output_tensors={name: info.name for name, info in signature.outputs.items()},
+        graph_def=graph_def,
+        split_sizes=_split_sizes(graph, tf),
+    )
+
+
+def _no_serving_default(source: str, names: list[str]) -> PolicyLoadError:
+    return PolicyLoadError(
+        f"{source}: the SavedModel has no '{SIGNATURE}' signature (it has "
+        f"{sorted(names) or 'none'}); export it with a '{SIGNATURE}' signature, as RLlib's "
+        "export_policy_model does"
+    )
+
+
+def _forward_graph(
+    tf: Any, signature: _Signature, layout: SignatureLayout, source: str
+) -> FrozenForward:
+    outputs = [signature.output_tensors[layout.logits_output]]
+    if layout.value_output:
+        outputs.append(signature.output_tensors[layout.value_output])
+    observations = signature.input_tensors.get("observations")
+    if observations is None:
+        raise PolicyLoadError(f"{source}: the signature's 'observations' input is not in its graph")
+    graph_def = tf.compat.v1.graph_util.extract_sub_graph(
+        signature.graph_def, [_node(name) for name in outputs]
+    )
+    feeds = _bake_fixed_placeholders(tf, graph_def, _node(observations))
+    return FrozenForward(graph_def, observations, tuple(outputs), feeds)
+
+
+def _bake_fixed_placeholders(tf: Any, graph_def: Any, observations: str) -> tuple[Feed, ...]:
+    """Placeholders of a fixed shape (is_training, timestep) become constants holding RLlib's
+    inference value, so the converted model takes the observations alone; those sized by the
+    batch (prev_action, seq_lens) stay inputs of the TensorFlow forward pass."""
+    feeds = []
+    for node in graph_def.node:
+        if node.op != "Placeholder" or node.name == observations:
+            continue
+        dtype = tf.as_dtype(node.attr["dtype"].type)
+        shape = tf.TensorShape(node.attr["shape"].shape)
+        fill = 1 if node.name.rsplit("/", 1)[-1] == "seq_lens" else 0
+        if shape.is_fully_defined():
+            value = tf.compat.v1.make_tensor_proto(
+                np.full(shape.as_list(), fill, dtype.as_numpy_dtype), dtype
+            )
+            node.op = "Const"
+            node.ClearField("attr")
+            node.attr["dtype"].type = dtype.as_datatype_enum
+            node.attr["value"].tensor.CopyFrom(value)
+        else:
+            dims = tuple(shape.as_list()) if shape.rank is not None else (None,)
+            feeds.append(Feed(node.name + ":0", dims, dtype.name, fill))
+    return tuple(feeds)
+
+
+def _pruned(tf: Any, forward: FrozenForward) -> Any:
+    """A callable (observations, *feeds) -> [logits, value] over the frozen graph."""
+
+    def imported() -> None:
+        tf.compat.v1.import_graph_def(forward.graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(imported, [])
+    graph = wrapped.graph
+    inputs = [forward.observations, *(feed.tensor for feed in forward.feeds)]
+    return wrapped.prune(
+        [graph.as_graph_element(name) for name in inputs],
+        [graph.as_graph_element(name) for name in forward.outputs],
+    )
+
+
+def _node(tensor_name: str) -> str:
+    return tensor_name.split(":", 1)[0]
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
 
 
 def _info(spec: Any) -> TensorInfo:
     return TensorInfo(shape=tuple(spec.shape.as_list()), dtype=spec.dtype.name)
+
+
+def _proto_info(tf: Any, info: Any) -> TensorInfo:
+    shape = info.tensor_shape
+    dims = () if shape.unknown_rank else tuple(d.size if d.size >= 0 else None for d in shape.dim)
+    return TensorInfo(shape=dims, dtype=tf.as_dtype(info.dtype).name)
 
 
 def _split_sizes(graph: Any, tf: Any) -> tuple[int, ...] | None:

@@ -1,0 +1,60 @@
+"""Keep TensorFlow, absl and tf2onnx quiet while a policy loads; our own messages still show.
+
+A first load used to print about twenty lines that a user can do nothing about: C++ notices
+written before absl's logging is initialised (TF_CPP_MIN_LOG_LEVEL does not reach them),
+TensorFlow's Python warnings about reference variables and deprecated v1 APIs, and
+tf2onnx's progress notes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_FRAMEWORK_LOGGERS = ("tensorflow", "absl", "tf2onnx", "onnx", "h5py")
+_FRAMEWORK_MODULES = r"(tensorflow|tf_keras|keras|tf2onnx|onnx|absl|google\.protobuf)(\.|$)"
+
+
+def quiet_framework_loggers() -> None:
+    """Only their errors get through; idempotent."""
+    for name in _FRAMEWORK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def quiet_frameworks() -> Iterator[None]:
+    """Around TensorFlow and tf2onnx calls: their Python warnings and notices are dropped."""
+    quiet_framework_loggers()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=_FRAMEWORK_MODULES)
+        # v1 APIs warn from inside TensorFlow but name the caller's frame.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        yield
+
+
+@contextmanager
+def native_stderr_captured() -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file; replay it if the block raises.
+
+    For the import of TensorFlow only, whose C++ start-up notices bypass every log setting.
+    Nothing of ours runs meanwhile, so no message of ours can be lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
