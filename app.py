@@ -1,5 +1,18 @@
-"""`uvicorn app:app` serves saved_model.zip and schema.yaml from the working folder or BASE_PATH."""
+"""`uvicorn app:app` serves saved_model.zip and schema.yaml from the working folder or BASE_PATH.
 
-from policy_server.server import app_from_environment
+A policy already in place is loaded at import, so that one that cannot be served stops
+`uvicorn app:app` at once (exit code 2). While the folder holds no schema.yaml yet (the
+original's test suite imports this module before copying the policy in), the app is built
+at its first start or request.
+"""
 
-app = app_from_environment()
+from policy_server.api.lazy import LazyApp
+from policy_server.files import SCHEMA_NAME
+from policy_server.server import build_app
+from policy_server.settings import Settings
+
+app = LazyApp(lambda: build_app(Settings()))
+
+_folder = Settings().policy_path
+if not _folder.is_dir() or (_folder / SCHEMA_NAME).is_file():
+    app.load_or_exit()

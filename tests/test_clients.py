@@ -2,6 +2,7 @@
 the live server; the Java, Scala and R clients hold the observation model and the predict
 operation (compiling them needs registries our machines cannot reach)."""
 
+import asyncio
 import io
 import json
 import subprocess
@@ -9,11 +10,14 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from policy_server.clients import ClientBuilder
+from policy_server.errors import ClientsNotReady
 from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, serving
 
 FIELDS = ["cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity"]
@@ -52,21 +56,15 @@ def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def wait_for_clients(server: RunningServer) -> bytes:
-    saw_busy = False
-    deadline = time.monotonic() + 300
-    with server.client() as client:
-        while time.monotonic() < deadline:
-            response = client.get("/clients")
-            if response.status_code == 200:
-                return response.content
-            assert response.status_code == 503, response.text
-            assert response.json()["error"]["code"] == "clients_not_ready"
-            assert int(response.headers["retry-after"]) > 0
-            saw_busy = True
-            # Predictions go on while the clients are generated.
+    """GET /clients, which waits for the generation in progress; predictions go on meanwhile."""
+    with ThreadPoolExecutor(1) as pool, server.client() as client:
+        download = pool.submit(client.get, "/clients", timeout=300)
+        while not download.done():
             assert client.post("/predict_raw", json={"obs": [0, 0, 0, 0]}).status_code == 200
-            time.sleep(1)
-    raise AssertionError(f"clients not generated in time (saw 503: {saw_busy})")
+            time.sleep(0.2)
+        response = download.result()
+    assert response.status_code == 200, response.text
+    return response.content
 
 
 def extract(archive: bytes, into: Path) -> Path:
@@ -76,13 +74,9 @@ def extract(archive: bytes, into: Path) -> Path:
 
 
 def test_python_client_predicts_with_the_key(server: RunningServer, tmp_path: Path) -> None:
-    bundle = wait_for_clients(server)
-    assert set(zipfile.ZipFile(io.BytesIO(bundle)).namelist()) == {
-        "python.zip",
-        "java.zip",
-        "scala.zip",
-        "r.zip",
-    }
+    bundle = zipfile.ZipFile(io.BytesIO(wait_for_clients(server)))
+    assert {name.split("/")[0] for name in bundle.namelist()} == {"python", "java", "scala", "r"}
+    assert "python/policy_client/models/observation.py" in bundle.namelist()
     with server.client() as client:
         python_zip = client.get("/clients/python")
         assert client.get("/clients/cobol").status_code == 422
@@ -202,3 +196,36 @@ def test_a_missing_java_runtime_is_a_clear_503(tmp_path: Path, cache_dir: Path) 
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "clients_unavailable"
     assert "no Java runtime" in response.json()["error"]["message"]
+
+
+def test_a_download_waits_up_to_its_limit_then_is_told_to_retry(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    document = httpx.get(server.url + "/openapi.json").json()
+    builder = ClientBuilder(lambda: document, tmp_path, ["python"], wait_s=0)
+    with pytest.raises(ClientsNotReady) as not_ready:
+        asyncio.run(builder.archive("python"))
+    assert not_ready.value.headers is not None
+    assert int(not_ready.value.headers["Retry-After"]) > 0
+
+    async def download_while_the_loop_runs() -> tuple[bytes, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        archive = await builder.archive("python")
+        ticker.cancel()
+        return archive, ticks
+
+    builder.wait_s = 300
+    archive, ticks = asyncio.run(download_while_the_loop_runs())
+    assert ticks > 10, "the wait never blocks the event loop"
+    assert (
+        "python/policy_client/api/predictions_api.py"
+        in zipfile.ZipFile(io.BytesIO(archive)).namelist()
+    )

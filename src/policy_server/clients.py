@@ -6,6 +6,7 @@ it never blocks predictions, and the original's regeneration at every start is g
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.resources
 import io
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ _PROPERTIES = {
     "r": "packageName=policyclient",
 }
 Progress = Callable[[str, int, int], None]
+# How long a download waits for the generation in progress before it answers 503.
+CLIENTS_WAIT_S = 120.0
 
 
 def find_java(explicit: str | None = None) -> str:
@@ -117,19 +120,28 @@ def generate(
     return folders
 
 
-def zip_folder(folder: Path, prefix: str) -> bytes:
+def zip_folders(folders: Mapping[str, Path]) -> bytes:
+    """One zip holding each folder under its name: `python/...`, `java/...`."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        for prefix, folder in folders.items():
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    archive.write(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
     return buffer.getvalue()
 
 
 class ClientBuilder:
-    """Generates the clients of one OpenAPI document in the background and serves the zips."""
+    """Generates the clients of one OpenAPI document in the background and serves the zips.
+
+    Generation starts at the server's start (or the first download); a download waits for
+    the generation in progress up to `wait_s`, as the original answered /clients right after
+    start-up, then answers 503 with Retry-After.
+    """
 
     RETRY_AFTER_S = 5
+    POLL_S = 0.1
+    BUNDLE = "clients.zip"
 
     def __init__(
         self,
@@ -137,25 +149,32 @@ class ClientBuilder:
         cache_dir: Path,
         languages: list[str],
         java: str | None = None,
+        wait_s: float = CLIENTS_WAIT_S,
     ) -> None:
         self._java = java
         self._openapi = openapi
         self._cache_dir = cache_dir / "clients"
         self.languages = languages
+        self.wait_s = wait_s
         self._folder: Path | None = None
         self._error: ClientsUnavailable | None = None
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def start(self) -> None:
-        document = self._openapi()
-        folder = self._cache_dir / document_digest(document)
-        if all((folder / f"{language}.zip").is_file() for language in self.languages):
-            self._folder = folder
-            return
-        self._thread = threading.Thread(
-            target=self._build, args=(document, folder), name="client-generator", daemon=True
-        )
-        self._thread.start()
+        """Start generating, unless it is cached, running or done (each lifespan calls it)."""
+        with self._lock:
+            if self._folder is not None or self._error is not None or self._thread is not None:
+                return
+            document = self._openapi()
+            folder = self._cache_dir / document_digest(document)
+            if self._complete(folder):
+                self._folder = folder
+                return
+            self._thread = threading.Thread(
+                target=self._build, args=(document, folder), name="client-generator", daemon=True
+            )
+            self._thread.start()
 
     def _build(self, document: dict[str, Any], folder: Path) -> None:
         started = time.perf_counter()
@@ -166,8 +185,10 @@ class ClientBuilder:
                 staging = Path(work) / "zips"
                 staging.mkdir()
                 for language, source in sources.items():
-                    (staging / f"{language}.zip").write_bytes(zip_folder(source, language))
-                if not folder.exists():
+                    (staging / f"{language}.zip").write_bytes(zip_folders({language: source}))
+                (staging / self.BUNDLE).write_bytes(zip_folders(sources))
+                if not self._complete(folder):  # another server may have made it meanwhile
+                    shutil.rmtree(folder, ignore_errors=True)
                     staging.rename(folder)
             self._folder = folder
             logger.info(
@@ -180,8 +201,14 @@ class ClientBuilder:
             logger.exception("client generation failed")
             self._error = ClientsUnavailable(f"client generation failed: {error}")
 
-    def archive(self, language: str | None = None) -> bytes:
-        """One language's zip, or all of them in one zip; raises while not ready."""
+    async def archive(self, language: str | None = None) -> bytes:
+        """One language's zip, or one zip with a folder per language; waits for the
+        generation in progress up to `wait_s`, then raises while not ready."""
+        self.start()
+        deadline = time.monotonic() + self.wait_s
+        # Polling holds no thread per waiting request and never blocks the event loop.
+        while self._running() and time.monotonic() < deadline:
+            await asyncio.sleep(self.POLL_S)
         if self._error is not None:
             raise self._error
         if self._folder is None:
@@ -189,10 +216,12 @@ class ClientBuilder:
                 "the clients are being generated; try again shortly",
                 headers={"Retry-After": str(self.RETRY_AFTER_S)},
             )
-        if language is not None:
-            return (self._folder / f"{language}.zip").read_bytes()
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as bundle:
-            for name in self.languages:
-                bundle.writestr(f"{name}.zip", (self._folder / f"{name}.zip").read_bytes())
-        return buffer.getvalue()
+        name = self.BUNDLE if language is None else f"{language}.zip"
+        return (self._folder / name).read_bytes()
+
+    def _complete(self, folder: Path) -> bool:
+        names = [f"{language}.zip" for language in self.languages] + [self.BUNDLE]
+        return all((folder / name).is_file() for name in names)
+
+    def _running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

@@ -14,7 +14,8 @@ SCHEMA_NAME = "schema.yaml"
 
 
 class PolicyFiles:
-    """Manage schema.yaml and saved_model.zip in BASE_PATH (default: the working folder)."""
+    """Manage schema.yaml, saved_model.zip and models/ in BASE_PATH (default: the working
+    folder); a missing or broken file raises PolicyLoadError with the reason."""
 
     def __init__(self, base_path: str | None = None) -> None:
         settings = Settings() if base_path is None else Settings(policy_path=Path(base_path))
@@ -22,23 +23,32 @@ class PolicyFiles:
         self.base = settings.policy_path
 
     def copy_server_files(self, source: str) -> str:
-        """Copy SOURCE/schema.yaml and SOURCE/saved_model.zip into BASE_PATH."""
+        """Copy SOURCE/schema.yaml and SOURCE/saved_model.zip into BASE_PATH and unzip the
+        model into BASE_PATH/models, as the original did."""
         folder = Path(source)
+        if not folder.is_dir():
+            raise PolicyLoadError(
+                f"{folder}: no such folder; pass the folder holding {SCHEMA_NAME}"
+            )
         for name in (SCHEMA_NAME, ARCHIVE_NAME):
             if not (folder / name).is_file():
                 raise PolicyLoadError(f"{folder}: has no {name}")
         self.base.mkdir(parents=True, exist_ok=True)
         for name in (SCHEMA_NAME, ARCHIVE_NAME):
             shutil.copyfile(folder / name, self.base / name)
-        return f"copied {SCHEMA_NAME} and {ARCHIVE_NAME} from {folder} to {self.base}"
+        copied = f"copied {SCHEMA_NAME} and {ARCHIVE_NAME} from {folder} to {self.base}"
+        return f"{copied}; {self.unzip()}"
 
     def unzip(self) -> str:
         """Extract BASE_PATH/saved_model.zip into BASE_PATH/models (safely)."""
+        archive = self.base / ARCHIVE_NAME
+        if not archive.is_file():
+            raise PolicyLoadError(f"{self.base}: has no {ARCHIVE_NAME} to unzip")
         target = self.base / UNZIPPED_FOLDER
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        safe_extract(self.base / ARCHIVE_NAME, target, self._settings.max_extract_bytes)
-        return f"extracted {self.base / ARCHIVE_NAME} into {target}"
+        safe_extract(archive, target, self._settings.max_extract_bytes)
+        return f"extracted {archive} into {target}"
 
     def clean(self) -> str:
         """Remove the copied schema.yaml, saved_model.zip and models/ from BASE_PATH."""

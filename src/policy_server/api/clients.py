@@ -28,13 +28,13 @@ def add_client_routes(
         "/clients",
         operation_id="downloadClients",
         tags=["clients"],
-        summary="Client SDKs for every language, one zip each, in one zip",
+        summary="Client SDKs for every language, one folder each, in one zip",
         response_class=Response,
         responses=_RESPONSES,
         dependencies=list(dependencies),
     )
     async def download_clients() -> Response:
-        return _zip(builder.archive(), "policy-clients.zip")
+        return _zip(await builder.archive(), "policy-clients.zip")
 
     @router.get(
         "/clients/{language}",
@@ -47,7 +47,7 @@ def add_client_routes(
     )
     async def download_client(language: Language) -> Response:
         name = language.value
-        return _zip(builder.archive(name), f"policy-client-{name}.zip")
+        return _zip(await builder.archive(name), f"policy-client-{name}.zip")
 
 
 def _zip(content: bytes, filename: str) -> Response:
