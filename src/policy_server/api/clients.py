@@ -15,7 +15,8 @@ from policy_server.clients import ClientBuilder
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/zip": {}}, "description": "A zip archive"},
-    503: ERROR_RESPONSES[422] | {"description": "Being generated (see Retry-After)"},
+    503: ERROR_RESPONSES[422]
+    | {"description": "Still being generated after waiting for it (see Retry-After)"},
 }
 
 
