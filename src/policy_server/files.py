@@ -15,12 +15,11 @@ SCHEMA_NAME = "schema.yaml"
 
 class PolicyFiles:
     """Manage schema.yaml, saved_model.zip and models/ in BASE_PATH (default: the working
-    folder); a missing or broken file raises PolicyLoadError with the reason."""
+    folder)."""
 
-    def __init__(self, base_path: str | None = None) -> None:
-        settings = Settings() if base_path is None else Settings(policy_path=Path(base_path))
-        self._settings = settings
-        self.base = settings.policy_path
+    def __init__(self) -> None:
+        self._settings = Settings()
+        self._base = self._settings.policy_path
 
     def copy_server_files(self, source: str) -> str:
         """Copy SOURCE/schema.yaml and SOURCE/saved_model.zip into BASE_PATH and unzip the
@@ -33,18 +32,18 @@ class PolicyFiles:
         for name in (SCHEMA_NAME, ARCHIVE_NAME):
             if not (folder / name).is_file():
                 raise PolicyLoadError(f"{folder}: has no {name}")
-        self.base.mkdir(parents=True, exist_ok=True)
+        self._base.mkdir(parents=True, exist_ok=True)
         for name in (SCHEMA_NAME, ARCHIVE_NAME):
-            shutil.copyfile(folder / name, self.base / name)
-        copied = f"copied {SCHEMA_NAME} and {ARCHIVE_NAME} from {folder} to {self.base}"
+            shutil.copyfile(folder / name, self._base / name)
+        copied = f"copied {SCHEMA_NAME} and {ARCHIVE_NAME} from {folder} to {self._base}"
         return f"{copied}; {self.unzip()}"
 
     def unzip(self) -> str:
         """Extract BASE_PATH/saved_model.zip into BASE_PATH/models (safely)."""
-        archive = self.base / ARCHIVE_NAME
+        archive = self._base / ARCHIVE_NAME
         if not archive.is_file():
-            raise PolicyLoadError(f"{self.base}: has no {ARCHIVE_NAME} to unzip")
-        target = self.base / UNZIPPED_FOLDER
+            raise PolicyLoadError(f"{self._base}: has no {ARCHIVE_NAME} to unzip")
+        target = self._base / UNZIPPED_FOLDER
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         safe_extract(archive, target, self._settings.max_extract_bytes)
@@ -52,7 +51,7 @@ class PolicyFiles:
 
     def clean(self) -> str:
         """Remove the copied schema.yaml, saved_model.zip and models/ from BASE_PATH."""
-        shutil.rmtree(self.base / UNZIPPED_FOLDER, ignore_errors=True)
+        shutil.rmtree(self._base / UNZIPPED_FOLDER, ignore_errors=True)
         for name in (SCHEMA_NAME, ARCHIVE_NAME):
-            (self.base / name).unlink(missing_ok=True)
-        return f"removed {SCHEMA_NAME}, {ARCHIVE_NAME} and {UNZIPPED_FOLDER}/ from {self.base}"
+            (self._base / name).unlink(missing_ok=True)
+        return f"removed {SCHEMA_NAME}, {ARCHIVE_NAME} and {UNZIPPED_FOLDER}/ from {self._base}"
