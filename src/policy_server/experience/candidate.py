@@ -1,0 +1,53 @@
+"""What off-policy evaluation needs from a candidate policy, and the adapter for a loaded one."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from policy_server.distribution import Categorical
+from policy_server.registry import LoadedPolicy
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class Candidate(Protocol):
+    """A policy to evaluate on logged decisions.
+
+    `obs` is (n, width); `actions` is (n, components) (ints for categorical components,
+    floats for a Gaussian); `masks` is (n, logits width) of 0/1, or None when the log holds
+    no action masks. `log_prob` returns (n,) log-probabilities (log-densities for a
+    Gaussian) of those actions; `value` returns (n,) value estimates, or None.
+    """
+
+    def log_prob(
+        self, obs: FloatArray, actions: npt.NDArray[Any], masks: npt.NDArray[Any] | None
+    ) -> FloatArray: ...
+
+    def value(self, obs: FloatArray) -> FloatArray | None: ...
+
+
+class PolicyCandidate:
+    """A policy loaded from a folder or the repository, run in process (no server needed)."""
+
+    def __init__(self, policy: LoadedPolicy) -> None:
+        self.policy = policy
+
+    def log_prob(
+        self, obs: FloatArray, actions: npt.NDArray[Any], masks: npt.NDArray[Any] | None
+    ) -> FloatArray:
+        logits: npt.NDArray[np.floating[Any]] = self.policy.runtime.forward(
+            obs.astype(np.float32)
+        ).logits.astype(np.float64)
+        distribution = self.policy.distribution
+        if isinstance(distribution, Categorical):
+            if masks is not None:
+                logits = distribution.masked(logits, masks.astype(bool))
+            return np.asarray(distribution.log_prob(logits, actions.astype(np.int64)))
+        return np.asarray(distribution.log_prob(logits, actions.astype(np.float64)))
+
+    def value(self, obs: FloatArray) -> FloatArray | None:
+        value = self.policy.runtime.forward(obs.astype(np.float32)).value
+        return None if value is None else value.astype(np.float64)
