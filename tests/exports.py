@@ -6,6 +6,7 @@ weights, so a test can compute the exact logits the export must serve.
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,11 @@ def _linear(features: int, actions: int, seed: int) -> Linear:
 
 
 def zip_folder(model: Path, archive: Path, prefix: str = "") -> None:
+    """Zip the export folder `model` (under `prefix` inside the zip), then remove it."""
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
         for path in sorted(model.rglob("*")):
             bundle.write(path, prefix + path.relative_to(model).as_posix())
+    shutil.rmtree(model)
 
 
 def masked_policy(folder: Path) -> Linear:
@@ -144,3 +147,19 @@ def tf1_timestep_policy(folder: Path, nested: bool = False) -> Linear:
         zip_folder(model, folder / "saved_model.zip")
     (folder / "schema.yaml").write_text(TF1_SCHEMA)
     return linear
+
+
+def unnamed_signature_policy(folder: Path) -> None:
+    """A SavedModel whose only signature is not called `serving_default`."""
+    import tensorflow as tf
+
+    class Policy(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="observations")])
+        def serve(self, observations):
+            return {"action_dist_inputs": observations, "actions_0": tf.argmax(observations, 1)}
+
+    module = Policy()
+    model = folder / "export"
+    tf.saved_model.save(module, str(model), signatures={"predict": module.serve})
+    zip_folder(model, folder / "saved_model.zip")
+    (folder / "schema.yaml").write_text("parameters: {api_key: k}\n")

@@ -85,3 +85,48 @@ def test_reads_every_shipped_schema(name: str) -> None:
         pytest.skip(f"needs the real Pathmind policies: {path} is absent")
     schema = load_schema(path)
     assert schema.parameters.api_key == "1234567asdfgh"
+
+
+LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+parameters: {api_key: *h}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (LAUGHS, "uses a YAML alias (*name) at line 2; write the values out"),
+        (
+            "parameters: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
+            "uses a YAML tag that is not plain data",
+        ),
+        (
+            "parameters: !!python/object/new:builtins.dict {}\n",
+            "uses a YAML tag that is not plain data",
+        ),
+        ("parameters: " + "[" * 20_000 + "]" * 20_000 + "\n", "nests too deeply"),
+        ("parameters: {}\n" + "# padding\n" * 120_000, "larger than 1048576 bytes"),
+        (b"parameters: {api_key: \xff\xfe}\n", "not UTF-8 text"),
+    ],
+    ids=["aliases", "object tag", "constructor tag", "deep nesting", "oversized", "not utf-8"],
+)
+def test_yaml_tricks_are_refused_naming_the_file(
+    tmp_path: Path, text: str | bytes, expected: str
+) -> None:
+    path = tmp_path / "schema.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(PolicyLoadError) as error:
+        load_schema(path)
+    assert str(error.value).startswith(f"{path}: ") and expected in str(error.value)
+    assert not Path("/tmp/pwned").exists()
