@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+SCALING = Path(__file__).with_name("SCALING.md")
+SOAK = Path(__file__).with_name("SOAK.md")
 
 TARGETS = """\
 Targets (issue "Fast path"), as ratios from this run: `/predict` at 32 connections at least
@@ -64,6 +68,8 @@ def render_target(name: str, f: dict[str, Any]) -> list[str]:
     ]
     if "ours_ray_c32" in f:
         lines += render_ray(f)
+    if "ceiling_c32" in f and ("bare_c32" in f or "bare" in f.get("notes", {})):
+        lines += render_peers(f) + render_features(f)
     return lines
 
 
@@ -98,13 +104,181 @@ def render_ray(f: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, dict[str, Any]], machine: str, duration: int) -> str:
+def _row(label: str, load: Any, *bases: Any) -> str:
+    ratios = " | ".join(
+        f"{load.requests_per_s / base.requests_per_s:.2f}x" if base else "-" for base in bases
+    )
+    return (
+        f"| {label} | {load.requests_per_s:,.0f} | {load.p50_ms:.2f} | {load.p99_ms:.2f} "
+        f"| {ratios} | {load.errors} |"
+    )
+
+
+def _missing(label: str, note: str, columns: int) -> str:
+    return f"| {label} | {note} |" + " |" * (columns - 2)
+
+
+PEERS = (
+    ("bare_c32", "bare ASGI constant (`references/bare_asgi.py`)"),
+    ("ceiling_c32", "FastAPI + pydantic constant (reference (b))"),
+    ("ours_c32", "policy-server"),
+    ("litserve_c32", "LitServe, same ONNX model and work"),
+    ("rayserve_c32", "Ray Serve (FastAPI ingress, HTTP proxy), same ONNX model and work"),
+)
+
+
+def render_peers(f: dict[str, Any]) -> list[str]:
+    notes = f.get("notes", {})
+    bare, constant = f.get("bare_c32"), f["ceiling_c32"]
+    lines = [
+        "Peers (issue #13): `POST /predict` with the typed observation, the key checked, one "
+        "ONNX forward pass of the same converted model and a sampled action; 32 connections:",
+        "",
+        "| server | requests/s | p50 ms | p99 ms | vs bare ASGI | vs FastAPI constant | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in PEERS:
+        if key in f:
+            lines.append(_row(label, f[key], bare, constant))
+        else:
+            lines.append(_missing(label, notes.get(key.removesuffix("_c32"), "not measured"), 7))
+    ours = f["ours_c32"]
+    checks = [
+        ("/predict >= 1.5x FastAPI constant", ours.requests_per_s, constant.requests_per_s, 1.5),
+        ("/predict >= 0.35x bare ASGI", ours.requests_per_s, bare and bare.requests_per_s, 0.35),
+    ]
+    rows = [_ratio_row(label, a, b, goal) for label, a, b, goal in checks]
+    p99 = ours.p99_ms / constant.p99_ms
+    rows.append(f"| p99 <= FastAPI constant's p99 | {p99:.2f}x | {_verdict(p99 <= 1)} |")
+    for key, label, goal in (("litserve_c32", "LitServe", 5), ("rayserve_c32", "Ray Serve", 20)):
+        peer = f.get(key)
+        rows.append(
+            _ratio_row(
+                f"/predict >= {goal}x {label}",
+                ours.requests_per_s,
+                peer and peer.requests_per_s,
+                goal,
+            )
+        )
+    batch = f["batch_observations_per_s"]
+    rows.append(
+        f"| /predict_batch >= 300,000 obs/s | {batch:,.0f} | {_verdict(batch >= 300_000)} |"
+    )
+    return [*lines, "", "| target | this run | verdict |", "|---|---|---|", *rows, ""]
+
+
+def _ratio_row(label: str, value: float, base: float | None, goal: float) -> str:
+    if not base:
+        return f"| {label} | not measured | - |"
+    ratio = value / base
+    return f"| {label} | {ratio:.2f}x | {_verdict(ratio >= goal)} |"
+
+
+def render_features(f: dict[str, Any]) -> list[str]:
+    notes = f.get("notes", {})
+    lines = ["Workers (`--workers N`), `POST /predict`, 32 connections:", ""]
+    if "workers_1" in f:
+        one = f["workers_1"]
+        lines += [
+            "| workers | requests/s | p50 ms | p99 ms | vs 1 worker | errors |",
+            "|---|---|---|---|---|---|",
+            _row("1", one, one),
+            _row("2", f["workers_2"], one),
+        ]
+    else:
+        lines.append(f"- {notes.get('workers', 'not measured')}")
+    lines += ["", *render_scaling(), "", *render_repository(f), "", *render_decision_log(f), ""]
+    return lines
+
+
+def render_scaling() -> list[str]:
+    if SCALING.is_file():
+        return SCALING.read_text().strip().splitlines()
+    return [
+        "Throughput against workers on a machine with 8 or more cores: not measured (no such "
+        "machine was at hand for this run; `bench/scaling.py` measures it and writes "
+        "bench/SCALING.md, which this file then includes)."
+    ]
+
+
+def render_repository(f: dict[str, Any]) -> list[str]:
+    notes = f.get("notes", {})
+    lines = ["Repository (issue #11): ten copies of the policy under different names against one;"]
+    if "repository_10" not in f:
+        return [*lines, f"- {notes.get('repository', 'not measured')}"]
+    one, ten = f["repository_1"], f["repository_10"]
+    lines += [
+        f"`POST {f['repository_route']}` of the first, 32 connections:",
+        "",
+        "| policies loaded | requests/s | p50 ms | p99 ms | vs one | errors |",
+        "|---|---|---|---|---|---|",
+        _row("1", one, one),
+        _row("10", ten, one),
+    ]
+    if "reload" in f:
+        reload = f["reload"]
+        lines.append(_row("10, `POST /admin/reload` halfway", reload, one))
+    ratio = ten.requests_per_s / one.requests_per_s
+    lines += [
+        "",
+        "| target | this run | verdict |",
+        "|---|---|---|",
+        f"| ten policies >= 0.95x one | {ratio:.2f}x | {_verdict(ratio >= 0.95)} |",
+    ]
+    if "reload" not in f:
+        return [*lines, "", f"- reload: {notes.get('reload', 'not measured')}"]
+    reload = f["reload"]
+    p99 = reload.p99_ms / ten.p99_ms
+    lines += [
+        f"| reload under load: zero errors | {reload.errors} | {_verdict(reload.errors == 0)} |",
+        f"| reload under load: p99 <= 2x steady p99 | {p99:.2f}x | {_verdict(p99 <= 2)} |",
+        "",
+        f"- the reload (one policy added, one removed, then `POST /admin/reload`) answered "
+        f"{f['reload_status']} after {f['reload_s']:.2f} s",
+    ]
+    return lines
+
+
+def render_decision_log(f: dict[str, Any]) -> list[str]:
+    notes = f.get("notes", {})
+    lines = ["Decision log (issue #16), `POST /predict`, 32 connections:", ""]
+    if "decision_log_off" not in f or "decision_log" not in f:
+        return [*lines, f"- {notes.get('decision_log', 'not measured')}"]
+    off = f["decision_log_off"]
+    lines += [
+        "| decision log | requests/s | p50 ms | p99 ms | vs without | errors | bytes written |",
+        "|---|---|---|---|---|---|---|",
+        _row("without", off, off) + " - |",
+        _row("`--decision-log DIR`", f["decision_log"], off) + f" {f['decision_log_bytes']:,} |",
+    ]
+    if "decision_log_sync" in f:
+        lines.append(
+            _row("`--decision-log DIR --decision-log-sync`", f["decision_log_sync"], off)
+            + f" {f['decision_log_sync_bytes']:,} |"
+        )
+    else:
+        lines.append(_missing("`--decision-log-sync`", notes.get("decision_log_sync", "-"), 8))
+    ratio = f["decision_log"].requests_per_s / off.requests_per_s
+    return [
+        *lines,
+        "",
+        "| target | this run | verdict |",
+        "|---|---|---|",
+        f"| with the decision log >= 0.8x without | {ratio:.2f}x | {_verdict(ratio >= 0.8)} |",
+    ]
+
+
+def render(
+    results: dict[str, dict[str, Any]], machine: str, duration: int, minutes: float | None
+) -> str:
+    took = f" bench/run.py took {minutes:.1f} minutes." if minutes else ""
     lines = [
         "# Benchmark results",
         "",
         "Written by `make bench` (`bench/run.py`); do not edit by hand. Every figure comes from",
-        "one run on one machine over loopback, with wrk (1 thread) for "
-        f"{duration} s per measurement.",
+        f"one run on one machine over loopback, with wrk (1 thread) for {duration} s per",
+        "measurement, kept short so that `make bench` stays under 15 minutes on 2 cores.",
+        f"The Ray backend, the peers and the features are measured on the first policy only.{took}",
         "",
         f"Machine: {machine}.",
         "",
@@ -114,6 +288,11 @@ def render(results: dict[str, dict[str, Any]], machine: str, duration: int) -> s
         "`bench/references/ceiling.py`, a FastAPI route with the same validation that returns a",
         "constant (the HTTP ceiling); (c) `bench/references/original_ray.py`, the original",
         "design with Ray (FastAPI, a Ray Serve handle, one TensorFlow call per request).",
+        "Peers: `bench/references/bare_asgi.py` (a raw ASGI app on uvicorn answering a",
+        "constant: the limit of the HTTP stack), `bench/references/litserve_peer.py` (LitServe)",
+        "and `bench/references/rayserve_peer.py` (Ray Serve, a FastAPI ingress behind Serve's",
+        "HTTP proxy), both doing policy-server's work per request with the ONNX model it",
+        "converted (`bench/references/onnx_policy.py`).",
         "",
         TARGETS,
         "",
@@ -121,6 +300,8 @@ def render(results: dict[str, dict[str, Any]], machine: str, duration: int) -> s
     for name, figures in results.items():
         lines += render_target(name, figures)
     lines += ANALYSIS.splitlines()
+    if SOAK.is_file():
+        lines += ["", *SOAK.read_text().strip().splitlines()]
     return "\n".join(lines) + "\n"
 
 
