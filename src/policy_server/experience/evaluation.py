@@ -24,6 +24,7 @@ import numpy.typing as npt
 from policy_server.experience.candidate import Candidate, FloatArray
 from policy_server.experience.episodes import Episode, Experience, load_experience
 
+ESTIMATORS = ("ips", "snips", "wis", "dr")
 # The share of the ideal sample size below which the log cannot support an estimate.
 _MIN_ESS_SHARE = 0.1
 _MIN_MEAN_WEIGHT = 0.5
@@ -69,7 +70,7 @@ def evaluate(
     data, warnings = _prepare(experience, candidate, gamma)
     estimators = _estimators(data)
     rng = np.random.default_rng(seed)
-    results: dict[str, dict[str, float | None] | None] = {"dr": None}
+    results: dict[str, dict[str, float | None] | None] = dict.fromkeys(ESTIMATORS)
     for name, estimator in estimators.items():
         low, high = _bootstrap(estimator, len(data.returns), bootstrap, rng, confidence)
         point = estimator(np.ones((1, len(data.returns))))[0]
