@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from policy_server.errors import PolicyLoadError
@@ -43,14 +44,20 @@ class LazyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self._app is None:
             try:
-                self.load()
+                await self._load_off_the_loop()
             except PolicyLoadError as error:
                 print(cannot_serve(error), file=sys.stderr)
                 await receive()  # lifespan.startup
                 await send({"type": "lifespan.startup.failed", "message": ""})
                 raise
         # Without a lifespan (a test client used bare) the first request builds the app.
-        await self.load()(scope, receive, send)
+        app = self._app or await self._load_off_the_loop()
+        await app(scope, receive, send)
+
+    async def _load_off_the_loop(self) -> ASGIApp:
+        # In a thread, as `policy-server serve` builds its app before any event loop runs,
+        # and so that requests already in flight keep being answered.
+        return await anyio.to_thread.run_sync(self.load)
 
 
 def cannot_serve(error: PolicyLoadError) -> str:
