@@ -121,9 +121,9 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def wrk(url: str, body: Any, key: str, connections: int, duration: int) -> Load:
+def wrk(url: str, body: Any, key: str, connections: int, duration: int, threads: int = 1) -> Load:
     result = subprocess.run(
-        wrk_command(url, body, key, connections, duration),
+        wrk_command(url, body, key, connections, duration, threads),
         capture_output=True,
         text=True,
         check=True,
@@ -215,7 +215,8 @@ def machine() -> str:
     )
 
 
-def targets() -> list[Target]:
+def targets(shared: Path = SHARED) -> list[Target]:
+    """mouse_and_cheese (from `shared`, the Pathmind policies, when present), then CartPole."""
     found = [
         Target(
             "cartpole (bundled example)",
@@ -229,12 +230,12 @@ def targets() -> list[Target]:
             },
         )
     ]
-    if (SHARED / "mouse_and_cheese" / "saved_model.zip").is_file():
+    if (shared / "mouse_and_cheese" / "saved_model.zip").is_file():
         found.insert(
             0,
             Target(
                 "mouse_and_cheese",
-                SHARED / "mouse_and_cheese",
+                shared / "mouse_and_cheese",
                 "1234567asdfgh",
                 {
                     "mouse_row": 0.5,
