@@ -96,6 +96,27 @@ def predict_route(url: str, name: str) -> str:
     return "/predict"
 
 
+def ready_route(server: Server, target: Target, name: str, timeout: float = 180) -> str:
+    """The policy's /predict route once it answers 200: a repository may still be loading
+    its policies when `GET /` first answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            route = predict_route(server.url, name)
+            response = httpx.post(
+                server.url + route,
+                json=target.observation,
+                headers={"access-token": target.key},
+                timeout=10,
+            )
+            if response.status_code == 200:
+                return route
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"policy {name} did not answer 200 within {timeout:.0f} s")
+
+
 def repository_server(target: Target, cache: Path, repository: Path, *flags: str) -> Server:
     policies = dataclasses.replace(target, path=repository)
     return ours(policies, cache, *flags, probe=("/", None, target.key))
@@ -113,7 +134,7 @@ def measure_repository(
         server = repository_server(target, cache, repository, *admin)
         try:
             server.start()
-            route = predict_route(server.url, name)
+            route = ready_route(server, target, name)
             figures["repository_route"] = route
             load = wrk(server.url + route, target.observation, target.key, 32, duration)
             if load.errors:

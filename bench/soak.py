@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from features import ADMIN_KEY, ServeFlags, add_policy, policy_stem, repository_server
+from features import (
+    ADMIN_KEY,
+    ServeFlags,
+    add_policy,
+    policy_stem,
+    ready_route,
+    repository_server,
+)
 from harness import BENCH, OUT, Server, Target, machine, ours, parse_wrk, targets
 from report import SOAK
 
@@ -67,6 +74,20 @@ def routes(url: str, names: list[str]) -> dict[str, dict[str, str]]:
             elif [route] in posts and len(names) == 1:
                 found[name][route] = "/" + route
     return found
+
+
+def answered(
+    server: Server, requests: list[tuple[str, str, Any]]
+) -> tuple[list[tuple[str, str, Any]], list[str]]:
+    """The requests that answer 200 before the soak, and the others with their status."""
+    kept, skipped = [], []
+    for path, key, body in requests:
+        response = httpx.post(server.url + path, json=body, headers={"access-token": key})
+        if response.status_code == 200:
+            kept.append((path, key, body))
+        else:
+            skipped.append(f"{path} ({response.status_code})")
+    return kept, skipped
 
 
 def lua_script(requests: list[tuple[str, str, Any]]) -> Path:
@@ -154,12 +175,16 @@ def soak(minutes: float, interval: float) -> dict[str, Any]:
     flags = ServeFlags()
     server, repository = start(policies, cache, flags)
     names = [f"{policy_stem(p)}_{i:02d}" for i, p in enumerate(policies)]
+    if repository:
+        for name, policy in zip(names, policies, strict=True):
+            ready_route(server, policy, name)
     found = routes(server.url, names if repository else ["policy"])
     requests = [
         (path, policy.key, bodies(policy)[route])
         for policy, by_route in zip(policies, found.values(), strict=False)
         for route, path in by_route.items()
     ]
+    requests, skipped = answered(server, requests)
     seconds = int(minutes * 60)
     command = ["wrk", "-t1", "-c32", f"-d{seconds}s", "--timeout", "10s", "--latency"]
     load = subprocess.Popen(
@@ -188,7 +213,8 @@ def soak(minutes: float, interval: float) -> dict[str, Any]:
         "minutes": minutes,
         "load": parse_wrk(output),
         "responses": _responses(output),
-        "requests": [f"{path}" for path, _, _ in requests],
+        "requests": [path for path, _, _ in requests],
+        "skipped": skipped,
         "samples": samples,
         "reload": reload,
     }
@@ -245,7 +271,12 @@ def render(result: dict[str, Any], warm_up: float) -> str:
             "",
             f"{result['minutes']:g} minutes, wrk 1 thread, 32 connections rotating through "
             f"{len(result['requests'])} routes: {', '.join(sorted(set(result['requests'])))}. "
-            f"{reloaded}. Warm-up: the first {warm_up:.0f} s.",
+            f"{reloaded}. Warm-up: the first {warm_up:.0f} s."
+            + (
+                f" Left out, not answering 200: {', '.join(result['skipped'])}."
+                if result["skipped"]
+                else ""
+            ),
             "",
             "| | after warm-up | end | peak |",
             "|---|---|---|---|",
