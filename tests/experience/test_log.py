@@ -157,6 +157,19 @@ def test_a_full_queue_makes_callers_wait_instead_of_growing(tmp_path: Path) -> N
     assert len(logged_ids(tmp_path)) == 400
 
 
+def test_a_cancelled_durable_append_does_not_stop_the_writer(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        log = DecisionLog(tmp_path, sync=True)
+        cancelled = asyncio.create_task(log.append([simple(0)]))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await log.append([simple(1)])
+        await log.aclose()
+
+    asyncio.run(scenario())
+    assert simple(1)["obs"] in [r["obs"] for r in read_records(tmp_path)]
+
+
 def test_a_closed_log_refuses_records_loudly(tmp_path: Path) -> None:
     log = DecisionLog(tmp_path)
     log.close()
@@ -212,7 +225,8 @@ def test_kill_9_in_sync_mode_loses_no_acknowledged_decision(tmp_path: Path) -> N
     assert set(acknowledged) <= on_disk
 
     async def reward_them() -> list[dict[str, object]]:
-        log = DecisionLog(tmp_path)
+        # Another worker name: it takes over the dead worker's unfinished file.
+        log = DecisionLog(tmp_path, worker="successor")
         try:
             return await log.add_rewards([{"decision_id": i, "reward": 1.0} for i in acknowledged])
         finally:

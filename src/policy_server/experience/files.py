@@ -182,6 +182,10 @@ def leftovers(directory: Path, worker: str) -> list[Path]:
     ]
 
 
+def workers_with_leftovers(directory: Path) -> set[str]:
+    return {w for w, _, path in list_streams(directory) if path.suffix == ".jsonl"}
+
+
 @dataclass
 class ReadStats:
     files: int = 0
@@ -203,8 +207,7 @@ def read_file(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
     a file in half, and in sync mode that record was never acknowledged.
     """
     stats.files += 1
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as lines:
+    with _open_stream(path) as lines:
         for line in lines:
             try:
                 record = orjson.loads(line)
@@ -214,3 +217,13 @@ def read_file(path: Path, stats: ReadStats) -> Iterator[dict[str, Any]]:
                 continue
             stats.records += 1
             yield record
+
+
+def _open_stream(path: Path) -> IO[bytes] | gzip.GzipFile:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        # Rotated and compressed since the directory was listed.
+        return gzip.open(path.with_name(path.name + ".gz"), "rb")

@@ -9,6 +9,7 @@ one transaction, then answers everyone in that group. A full queue makes callers
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import logging
@@ -29,9 +30,11 @@ from policy_server.experience.files import (
     ReadStats,
     RotatingStream,
     check_worker,
+    compress,
     leftovers,
     lock_worker,
     read_file,
+    workers_with_leftovers,
 )
 from policy_server.experience.index import DecisionIndex
 from policy_server.experience.metrics import DecisionLogMetrics
@@ -101,6 +104,8 @@ class DecisionLog:
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
         self._thread.start()
+        # The server closes the log on shutdown; this covers scripts that forget to.
+        atexit.register(self.close)
 
     async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Queue records; waits while the queue is full, and in sync mode until written."""
@@ -116,7 +121,8 @@ class DecisionLog:
                 self._waiters.append((loop, waiter))
             await waiter
         if batch.done is not None:
-            await asyncio.wrap_future(batch.done)
+            # Shielded: a cancelled request must not cancel the future the writer resolves.
+            await asyncio.shield(asyncio.wrap_future(batch.done))
 
     def append_blocking(self, records: Sequence[Mapping[str, Any]]) -> None:
         """`append` for threads outside an event loop (scripts, tests, tools)."""
@@ -147,8 +153,8 @@ class DecisionLog:
                     reward_record(
                         decision_id,
                         float(item["reward"]),
-                        item.get("terminated"),
-                        item.get("truncated"),
+                        _flag(item.get("terminated")),
+                        _flag(item.get("truncated")),
                     )
                 )
         self.metrics.unknown_rewards.inc(sum(r["status"] == "unknown_decision" for r in results))
@@ -178,6 +184,7 @@ class DecisionLog:
         self._thread.join()
         if already:
             return
+        atexit.unregister(self.close)
         self._compressor.close()
         self._index.close()
         self._lock_file.close()
@@ -231,6 +238,7 @@ class DecisionLog:
         return "the decision log is closed"
 
     def _run(self) -> None:
+        batches: list[_Batch] = []
         try:
             while True:
                 with self._cond:
@@ -241,13 +249,14 @@ class DecisionLog:
                     stop = self._closing and not batches
                 if batches:
                     self._commit(batches)
+                    batches = []
                 self._stream.rotate_if_due()
                 if stop:
                     break
             self._stream.close()
         except BaseException as error:
             logger.exception("the decision log's writer failed; refusing further records")
-            self._fail(error)
+            self._fail(error, batches)
 
     def _commit(self, batches: list[_Batch]) -> None:
         started = time.perf_counter()
@@ -298,22 +307,42 @@ class DecisionLog:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, waiter)
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, in_flight: list[_Batch]) -> None:
+        """Refuse everything from now on; callers waiting for durability get the error."""
         with self._cond:
             self._failure = error
-            batches = list(self._pending)
+            batches = in_flight + list(self._pending)
             self._pending.clear()
             self._wake_waiters()
         for batch in batches:
-            if batch.done is not None and not batch.done.done():
-                batch.done.set_exception(DecisionLogClosed(self._closed_reason()))
+            if batch.done is not None:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    batch.done.set_exception(DecisionLogClosed(self._closed_reason()))
         if self._queued:
-            logger.error("the decision log lost %d queued records", self._queued)
+            logger.error("the decision log could not write %d queued records", self._queued)
 
     def _recover(self) -> None:
-        """Index the decisions of files a killed process left uncompressed, then gzip them:
-        the writer indexes each group right after writing it, so only they can lag."""
-        for path in leftovers(self.directory, self.worker):
+        """Index and gzip the files that killed processes left uncompressed.
+
+        The writer indexes each group right after writing it, so only a file being written
+        when its process died can hold decisions the index lacks. Another worker's files
+        are taken over only when no live process holds that worker's lock.
+        """
+        for worker in workers_with_leftovers(self.directory):
+            if worker == self.worker:
+                self._recover_worker(worker)
+                continue
+            try:
+                lock = lock_worker(self.directory, worker)
+            except RuntimeError:
+                continue  # that worker is alive and owns its files
+            try:
+                self._recover_worker(worker)
+            finally:
+                lock.close()
+
+    def _recover_worker(self, worker: str) -> None:
+        for path in leftovers(self.directory, worker):
             decisions, rewarded = [], []
             for record in read_file(path, ReadStats()):
                 if record.get("type") == "decision":
@@ -321,7 +350,7 @@ class DecisionLog:
                 elif record.get("type") == "reward":
                     rewarded.append(str(record["decision_id"]))
             self._index.commit(decisions, rewarded)
-            self._compressor.submit(path)
+            compress(path)
 
 
 def _reward_status(item: Mapping[str, Any], known: bool) -> str:
@@ -329,6 +358,10 @@ def _reward_status(item: Mapping[str, Any], known: bool) -> str:
     if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
         return "invalid"
     return "joined" if known else "unknown_decision"
+
+
+def _flag(value: Any) -> bool | None:
+    return None if value is None else bool(value)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
