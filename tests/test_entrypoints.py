@@ -114,3 +114,18 @@ def test_uvicorn_app_reads_base_path_and_refuses_bad_policies(tmp_path: Path) ->
     )
     assert result.returncode == 2
     assert "cannot serve" in result.stderr and "no such folder" in result.stderr
+
+
+def test_uvicorn_app_in_a_folder_without_a_policy_says_why(tmp_path: Path) -> None:
+    # The app waits for a policy until its start (the original's tests copy one in after
+    # importing app), so here uvicorn's start fails, with its own exit code.
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "app:app", "--app-dir", str(ROOT), "--port", "1"],
+        cwd=tmp_path,
+        env={"PATH": "", "POLICY_SERVER_METRICS_PORT": "0", **_python_path()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "policy-server: cannot serve:" in result.stderr and "schema.yaml" in result.stderr
