@@ -186,3 +186,39 @@ def test_dsjson_refuses_actions_that_are_not_one_categorical(tmp_path: Path) -> 
     write(tmp_path / "log", [record], [{"decision_id": record["decision_id"], "reward": 1.0}])
     with pytest.raises(ValueError, match="needs a Discrete action space"):
         export_experience(tmp_path / "log", tmp_path / "out", "dsjson")
+
+
+def box_and_multidiscrete(rng: np.random.Generator, kind: str) -> dict[str, object]:
+    record = decision(rng.normal(size=3), np.zeros(4), rng, episode_id="e", step=0)
+    if kind == "box":
+        mean, std = [0.5, -0.5], [1.0, 2.0]
+        actions = rng.normal(mean, std).tolist()
+        record.update(actions=actions, distribution={"mean": mean, "std": std})
+    else:
+        record.update(
+            actions=[1, 0],
+            distribution={"probabilities": [[0.5, 0.5], [0.25, 0.75]]},
+            probability=0.125,
+            log_probability=float(np.log(0.125)),
+        )
+    return record  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("kind", ["box", "multidiscrete"])
+def test_minari_and_rllib_keep_box_and_multidiscrete_actions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    minari = pytest.importorskip("minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    record = box_and_multidiscrete(np.random.default_rng(0), kind)
+    write(
+        tmp_path / "log", [record], [{"decision_id": record["decision_id"], "reward": 1.0}], ("e",)
+    )
+    rows = export_experience(tmp_path / "log", tmp_path / "out", "rllib")
+    row = json.loads(Path(rows["out"]).read_text())
+    assert row["actions"] == record["actions"]
+    export_experience(tmp_path / "log", f"policy-server/{kind}-v0", "minari")
+    dataset = minari.load_dataset(f"policy-server/{kind}-v0")
+    episode = next(dataset.iterate_episodes())
+    np.testing.assert_allclose(episode.actions[0], record["actions"], rtol=1e-6)
+    assert dataset.action_space.shape == (2,)
