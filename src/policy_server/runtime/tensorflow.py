@@ -101,28 +101,27 @@ class TensorFlowRuntime:
                 signature.inputs, signature.outputs, signature.split_sizes, parameters, self.source
             )
             self.frozen = _forward_graph(tf, signature, self.layout, self.source)
-            self._run = _pruned(tf, self.frozen)
+            self._session = _session(tf, self.frozen)
         self.observation_width = self.layout.observation_width
         self.action_space = self.layout.action_space
-        self._feeds_by_batch: dict[int, list[Any]] = {}
+        self._feeds_by_batch: dict[int, dict[str, npt.NDArray[Any]]] = {}
 
     def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
-        results = self._run(
-            self._tf.constant(observations), *self._extra_feeds(observations.shape[0])
-        )
-        value = results[1].numpy().reshape(-1) if len(results) > 1 else None
-        return ModelOutputs(logits=results[0].numpy(), value=value)
+        feeds = {self.frozen.observations: observations}
+        feeds.update(self._extra_feeds(observations.shape[0]))
+        results = self._session.run(self.frozen.outputs, feeds)
+        value = results[1].reshape(-1) if len(results) > 1 else None
+        return ModelOutputs(logits=results[0], value=value)
 
-    def _extra_feeds(self, batch: int) -> list[Any]:
+    def _extra_feeds(self, batch: int) -> dict[str, npt.NDArray[Any]]:
         feeds = self._feeds_by_batch.get(batch)
         if feeds is None:
-            feeds = [
-                self._tf.fill(
-                    [batch if dim is None else dim for dim in feed.shape],
-                    self._tf.constant(feed.fill, dtype=feed.dtype),
+            feeds = {
+                feed.tensor: np.full(
+                    [batch if dim is None else dim for dim in feed.shape], feed.fill, feed.dtype
                 )
                 for feed in self.frozen.feeds
-            ]
+            }
             if len(self._feeds_by_batch) < _MAX_CACHED_BATCHES:
                 self._feeds_by_batch[batch] = feeds
         return feeds
@@ -248,19 +247,13 @@ def _bake_fixed_placeholders(tf: Any, graph_def: Any, observations: str) -> tupl
     return tuple(feeds)
 
 
-def _pruned(tf: Any, forward: FrozenForward) -> Any:
-    """A callable (observations, *feeds) -> [logits, value] over the frozen graph."""
-
-    def imported() -> None:
+def _session(tf: Any, forward: FrozenForward) -> Any:
+    """A v1 session over the frozen graph: `run` computes only what the fetches need, and
+    runs small batches several times faster than a pruned tf.function."""
+    graph = tf.Graph()
+    with graph.as_default():
         tf.compat.v1.import_graph_def(forward.graph_def, name="")
-
-    wrapped = tf.compat.v1.wrap_function(imported, [])
-    graph = wrapped.graph
-    inputs = [forward.observations, *(feed.tensor for feed in forward.feeds)]
-    return wrapped.prune(
-        [graph.as_graph_element(name) for name in inputs],
-        [graph.as_graph_element(name) for name in forward.outputs],
-    )
+    return tf.compat.v1.Session(graph=graph)
 
 
 def _node(tensor_name: str) -> str:
