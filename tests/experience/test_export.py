@@ -222,3 +222,24 @@ def test_minari_and_rllib_keep_box_and_multidiscrete_actions(
     episode = next(dataset.iterate_episodes())
     np.testing.assert_allclose(episode.actions[0], record["actions"], rtol=1e-6)
     assert dataset.action_space.shape == (2,)
+
+
+def test_a_shadow_answer_logged_after_its_decision_joins_it(tmp_path: Path) -> None:
+    from policy_server.experience.episodes import load_experience
+    from tests.experience.records import simple
+
+    record = simple(0)
+    shadow = {
+        "type": "shadow",
+        "time": record["time"] + 1,
+        "decision_id": record["decision_id"],
+        "version": "v2",
+        "actions": [1],
+        "probability": 0.5,
+        "distribution": {"probabilities": [[0.5, 0.5]]},
+    }
+    write(tmp_path, [record, shadow], [{"decision_id": record["decision_id"], "reward": 1.0}])
+    (episode,) = load_experience(tmp_path).episodes
+    assert episode.decisions[0]["shadow"] == {
+        k: shadow[k] for k in ("version", "actions", "probability", "distribution")
+    }

@@ -9,6 +9,8 @@ Rules where the contract leaves a choice:
 - An unrewarded decision cuts its episode there unless a default reward is given: the steps
   before it are kept (an episode still running), it and the steps after it are left out.
 - Within an episode, steps are ordered by `step`, then time; `t` counts from 0.
+- A `shadow` record (a shadow version's answer, logged after its decision) becomes the
+  decision's `shadow`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy.typing as npt
 from policy_server.experience.files import ReadStats, read_records
 
 FloatArray = npt.NDArray[np.float64]
+_SHADOW_FIELDS = ("version", "actions", "probability", "distribution")
 
 
 @dataclass
@@ -122,10 +125,13 @@ def _collect(
     decisions: list[dict[str, Any]] = []
     outcomes: dict[str, _Outcome] = {}
     ends: dict[str, tuple[bool, bool]] = {}
+    shadows: dict[str, dict[str, Any]] = {}
     for record in records:
         kind = record.get("type")
         if kind == "decision":
             decisions.append(record)
+        elif kind == "shadow":
+            shadows[record["decision_id"]] = record
         elif kind == "reward":
             outcome = outcomes.setdefault(record["decision_id"], _Outcome())
             outcome.reward += float(record["reward"])
@@ -133,6 +139,10 @@ def _collect(
             outcome.truncated |= bool(record.get("truncated"))
         elif kind == "episode_end":
             ends[record["episode_id"]] = (bool(record["terminated"]), bool(record["truncated"]))
+    for decision in decisions:
+        shadow = shadows.get(decision["decision_id"])
+        if shadow is not None and decision.get("shadow") is None:
+            decision["shadow"] = {k: shadow[k] for k in _SHADOW_FIELDS}
     return decisions, outcomes, ends
 
 

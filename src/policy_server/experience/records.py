@@ -6,11 +6,18 @@ orjson writes a dict fastest; the TypedDicts document the shape and let mypy che
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from policy_server.distribution import Actions, Distribution
 
 
 class Shadow(TypedDict):
@@ -41,6 +48,19 @@ class Decision(TypedDict):
     value: float | None
     shadow: Shadow | None
     worker: str
+
+
+class ShadowAnswer(TypedDict):
+    """A shadow version's answer logged after its decision (shadows score off the request
+    path); readers attach it to the decision as its `shadow`."""
+
+    type: Literal["shadow"]
+    time: float
+    decision_id: str
+    version: str
+    actions: list[Any]
+    probability: float
+    distribution: dict[str, Any]
 
 
 class Reward(TypedDict):
@@ -90,6 +110,96 @@ class _DecisionIds:
 
 new_decision_id = _DecisionIds().new
 """A new time-ordered decision id (a UUIDv7 string)."""
+
+
+def decision_records(
+    *,
+    policy: str,
+    version: str,
+    worker: str,
+    decision_ids: Sequence[str],
+    episodes: Sequence[tuple[str | None, int | None]],
+    rows: npt.NDArray[Any],
+    logits: npt.NDArray[Any],
+    chosen: Actions,
+    values: npt.NDArray[Any] | None,
+    sampled: bool,
+    distribution: Distribution,
+    masks: npt.NDArray[np.bool_] | None,
+) -> list[Decision]:
+    """The decision records of one answered batch, converted from arrays once per batch.
+
+    `episodes` holds each row's (episode_id, step); `masks` is (batch, logits width) or None;
+    `logits` are the ones actions were drawn from (masked entries as given).
+    """
+    now = time.time()
+    per_row = zip(
+        decision_ids,
+        episodes,
+        rows.tolist(),
+        logits.tolist(),
+        chosen.values.tolist(),
+        chosen.log_prob.tolist(),
+        [None] * len(rows) if values is None else values.tolist(),
+        _row_distributions(distribution, len(rows)),
+        _row_masks(masks, distribution, len(rows)),
+        strict=True,
+    )
+    return [
+        {
+            "type": "decision",
+            "time": now,
+            "decision_id": decision_id,
+            "policy": policy,
+            "version": version,
+            "episode_id": episode_id,
+            "step": step,
+            "obs": obs,
+            "action_mask": mask,
+            "actions": actions,
+            "probability": math.exp(log_prob),
+            "log_probability": log_prob,
+            "sampled": sampled,
+            "distribution": row_distribution,
+            "logits": row_logits,
+            "value": value,
+            "shadow": None,
+            "worker": worker,
+        }
+        for (
+            decision_id,
+            (episode_id, step),
+            obs,
+            row_logits,
+            actions,
+            log_prob,
+            value,
+            row_distribution,
+            mask,
+        ) in per_row
+    ]
+
+
+def _row_distributions(distribution: Distribution, batch: int) -> list[dict[str, Any]]:
+    if distribution.probabilities is not None:
+        components = [c.tolist() for c in distribution.probabilities]
+        return [{"probabilities": [c[row] for c in components]} for row in range(batch)]
+    assert distribution.mean is not None and distribution.std is not None
+    return [
+        {"mean": mean, "std": std}
+        for mean, std in zip(distribution.mean.tolist(), distribution.std.tolist(), strict=True)
+    ]
+
+
+def _row_masks(
+    masks: npt.NDArray[np.bool_] | None, distribution: Distribution, batch: int
+) -> list[list[list[int]] | None]:
+    """Masks as the request gave them: one 0/1 list per categorical component."""
+    if masks is None or distribution.probabilities is None:
+        return [None] * batch
+    bounds = np.cumsum([c.shape[1] for c in distribution.probabilities])[:-1]
+    parts = [part.tolist() for part in np.split(masks.astype(np.int8), bounds, axis=1)]
+    return [[part[row] for part in parts] for row in range(batch)]
 
 
 def reward_record(
