@@ -1,13 +1,16 @@
-"""A Streamlit page to try a policy: a form generated from the server's /schema, the
+"""A Streamlit page to try a policy: a form generated from the server's schema, the
 prediction, and the exact action distribution. `streamlit run frontend.py` or `policy-server ui`.
 
 The form is built from what the server says about itself (frontend for backend), so the page
-works with any policy server, local or remote.
+works with any policy server, local or remote: one that lists its policies and versions at
+`GET /policies`, or one that serves a single policy at the top-level routes.
 """
 
 from __future__ import annotations
 
 import atexit
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import altair as alt
 import httpx
@@ -29,11 +33,34 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = [ROOT / "examples", ROOT.parent / "shared" / "pathmind-models"]
 DEFAULT_URL = "http://127.0.0.1:8000"
 UPLOAD = "Upload saved_model.zip and schema.yaml"
-_STARTED: list[subprocess.Popen[bytes]] = []
+TRAFFIC_SPLIT = "traffic split (server decides)"
 
 
 class ServerError(Exception):
     """An error answer from the policy server, or no answer, as a sentence for a person."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # None: the server did not answer
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which policy and version a request goes to. No policy: the single-policy routes of a
+    server without `GET /policies`; no version: the server's traffic split decides."""
+
+    policy: str | None = None
+    version: str | None = None
+
+    @property
+    def policy_prefix(self) -> str:
+        return "" if self.policy is None else f"/policies/{quote(self.policy, safe='')}"
+
+    @property
+    def prefix(self) -> str:
+        if self.version is None:
+            return self.policy_prefix
+        return f"{self.policy_prefix}/versions/{quote(self.version, safe='')}"
 
 
 @dataclass
@@ -50,15 +77,25 @@ class PolicyClient:
         except httpx.HTTPError as error:
             raise ServerError(f"cannot reach {self.url}: {error}") from None
         if response.status_code >= 400:
-            raise ServerError(_describe(response))
+            raise ServerError(_describe(response), response.status_code)
         return response.json()
 
-    def schema(self) -> dict[str, Any]:
-        info: dict[str, Any] = self._call("GET", "/schema")
+    def policies(self) -> dict[str, Any] | None:
+        """`GET /policies`, or None from a server that serves a single policy."""
+        try:
+            listing: dict[str, Any] = self._call("GET", "/policies")
+        except ServerError as error:
+            if error.status == 404:
+                return None
+            raise
+        return listing
+
+    def schema(self, target: Target) -> dict[str, Any]:
+        info: dict[str, Any] = self._call("GET", target.policy_prefix + "/schema")
         return info
 
-    def post(self, path: str, body: Any) -> dict[str, Any]:
-        answer: dict[str, Any] = self._call("POST", path, body)
+    def post(self, target: Target, route: str, body: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = self._call("POST", target.prefix + route, body)
         return answer
 
 
@@ -77,48 +114,81 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_backend(folder: Path) -> str:
-    """Start `policy-server serve folder` on a free port and wait for it; returns its URL."""
+@dataclass
+class Backend:
+    """A policy server this page started, and its own temporary folder (its log and, for an
+    upload, the policy), which goes when the server stops."""
+
+    process: subprocess.Popen[bytes]
+    folder: Path
+    workdir: Path
+    url: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self in _STARTED:
+            _STARTED.remove(self)
+
+
+_STARTED: list[Backend] = []
+
+
+@atexit.register
+def _stop_backends() -> None:
+    for backend in list(_STARTED):
+        backend.stop()
+
+
+def start_backend(folder: Path, workdir: Path) -> Backend:
+    """Start `policy-server serve folder` on a free port and wait for it. On failure the
+    server is stopped, `workdir` removed, and the server's last log line is the error."""
     port = _free_port()
-    log = Path(tempfile.mkdtemp(prefix="policy-server-")) / "server.log"
+    log = workdir / "server.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "policy_server.cli",
-                "serve",
-                str(folder),
-                "--port",
-                str(port),
-                "--metrics-port",
-                "0",
-                "--client-languages",
-                "",
+                *(sys.executable, "-m", "policy_server.cli", "serve", str(folder)),
+                *("--port", str(port), "--metrics-port", "0", "--client-languages", ""),
                 "--no-auth",
             ],
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    _STARTED.append(process)
-    url = f"http://127.0.0.1:{port}"
+    backend = Backend(process, folder, workdir, f"http://127.0.0.1:{port}")
+    _STARTED.append(backend)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
             reason = log.read_text(errors="replace").strip().splitlines()
+            backend.stop()
             raise ServerError(reason[-1] if reason else "the server exited")
         try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return url
+            if httpx.get(backend.url + "/", timeout=1).status_code == 200:
+                return backend
         except httpx.HTTPError:
             time.sleep(0.2)
+    backend.stop()
     raise ServerError("the server did not start within 180 s")
 
 
-@atexit.register
-def _stop_backends() -> None:
-    for process in _STARTED:
-        process.terminate()
+def start_upload(name: str, archive: bytes, schema: bytes) -> Backend:
+    """Serve an uploaded policy under `name` (the folder's name is the policy's name)."""
+    workdir = Path(tempfile.mkdtemp(prefix="policy-server-ui-"))
+    folder = workdir / policy_folder_name(name)
+    folder.mkdir()
+    (folder / "saved_model.zip").write_bytes(archive)
+    (folder / "schema.yaml").write_bytes(schema)
+    return start_backend(folder, workdir)
+
+
+def policy_folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-") or "uploaded"
 
 
 def _bundled() -> dict[str, Path]:
@@ -129,28 +199,32 @@ def _bundled() -> dict[str, Path]:
     return found
 
 
+def _start_chosen(choice: str) -> Backend:
+    if choice != UPLOAD:
+        workdir = Path(tempfile.mkdtemp(prefix="policy-server-ui-"))
+        return start_backend(_bundled()[choice], workdir)
+    archive, schema = st.session_state.get("upload_zip"), st.session_state.get("upload_yaml")
+    if archive is None or schema is None:
+        raise ServerError("upload both saved_model.zip and schema.yaml first")
+    name = st.session_state.get("upload_name", "")
+    return start_upload(name, archive.getvalue(), schema.getvalue())
+
+
 def _on_start(choice: str) -> None:
+    """Start the chosen policy; the page's previous server stops only once this one is up,
+    so a refused start leaves the page as it was."""
     try:
-        if choice == UPLOAD:
-            archive, schema = (
-                st.session_state.get("upload_zip"),
-                st.session_state.get("upload_yaml"),
-            )
-            if archive is None or schema is None:
-                raise ServerError("upload both saved_model.zip and schema.yaml first")
-            folder = Path(tempfile.mkdtemp(prefix="uploaded-policy-"))
-            (folder / "saved_model.zip").write_bytes(archive.getvalue())
-            (folder / "schema.yaml").write_bytes(schema.getvalue())
-        else:
-            folder = _bundled()[choice]
-        st.session_state["url"] = start_backend(folder)
-        st.session_state["api_key"] = _schema_key(folder)
-        st.session_state.pop("result", None)
-        st.session_state["notice"] = (
-            f"Started a server for {folder.name} at {st.session_state['url']}"
-        )
+        backend = _start_chosen(choice)
     except ServerError as error:
-        st.session_state["notice"] = f"Could not start the server: {error}"
+        st.session_state["start_failed"] = f"Could not start the server: {error}"
+        return
+    if previous := st.session_state.get("backend"):
+        previous.stop()
+    st.session_state["backend"] = backend
+    st.session_state["url"] = backend.url
+    st.session_state["api_key"] = _schema_key(backend.folder)
+    st.session_state.pop("result", None)
+    st.session_state["started"] = f"Started a server for {backend.folder.name} at {backend.url}"
 
 
 def _schema_key(folder: Path) -> str:
@@ -169,14 +243,44 @@ def sidebar() -> PolicyClient:
     )
     key = st.sidebar.text_input("API key", key="api_key", type="password")
     with st.sidebar.expander("Start the server from schema"):
-        choice = st.selectbox("Policy", [*list(_bundled()), UPLOAD], key="start_choice")
+        choice = st.selectbox("Policy to serve", [*list(_bundled()), UPLOAD], key="start_choice")
         if choice == UPLOAD:
+            st.text_input("Policy name", value="uploaded", key="upload_name")
             st.file_uploader("saved_model.zip", type=["zip"], key="upload_zip")
             st.file_uploader("schema.yaml", type=["yaml", "yml"], key="upload_yaml")
         st.button("Start the server from schema", on_click=_on_start, args=(choice,))
-    if notice := st.session_state.pop("notice", None):
-        st.sidebar.info(notice)
+    if failed := st.session_state.pop("start_failed", None):
+        st.sidebar.error(failed)
+    if started := st.session_state.pop("started", None):
+        st.sidebar.success(started)
     return PolicyClient(url, key)
+
+
+def choose_target(client: PolicyClient) -> Target:
+    """The policy and version to query: pickers from `GET /policies`, when the server has it."""
+    listing = client.policies()
+    if listing is None:
+        return Target()
+    policies = {policy["name"]: policy for policy in listing["policies"]}
+    if not policies:
+        raise ServerError("the server serves no policy yet")
+    names = list(policies)
+    default = names.index(listing["default"]) if listing.get("default") in names else 0
+    name = st.sidebar.selectbox("Policy", names, index=default, key="policy")
+    versions = policies[name]["versions"]
+    ready = [version["version"] for version in versions if version["state"] == "ready"]
+    version = st.sidebar.selectbox("Version", [TRAFFIC_SPLIT, *ready], key="version")
+    st.sidebar.caption("  \n".join(_version_line(version) for version in versions))
+    return Target(name, None if version == TRAFFIC_SPLIT else version)
+
+
+def _version_line(version: dict[str, Any]) -> str:
+    line = f"`{version['version']}` {version['state']}, {version.get('traffic', 0):g}% traffic"
+    if version.get("shadow"):
+        line += ", shadow"
+    if version.get("reason"):
+        line += f": {version['reason']}"
+    return line
 
 
 def _scalar_input(field: dict[str, Any]) -> Any:
@@ -233,7 +337,7 @@ def _cast(item: str, value: Any) -> Any:
     return {"bool": bool, "int": int}.get(item, float)(value)
 
 
-def observation_form(info: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+def observation_form(info: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The form; returns the request body (typed or raw) and whether it was submitted."""
     with st.form("observation"):
         st.subheader("Observation")
@@ -268,6 +372,27 @@ def _check_lengths(info: dict[str, Any], body: dict[str, Any]) -> str | None:
     return None
 
 
+def predict(
+    client: PolicyClient, target: Target, info: dict[str, Any], body: dict[str, Any]
+) -> dict[str, Any]:
+    """The prediction and the distribution, both from the version that answered the
+    prediction: under a traffic split two requests could reach two versions."""
+    prediction = client.post(target, "/predict" if info["observations"] else "/predict_raw", body)
+    answered = target
+    if target.policy is not None and prediction.get("version") is not None:
+        answered = Target(target.policy, str(prediction["version"]))
+    distribution = client.post(answered, "/distribution", body)
+    return {"target": target, "prediction": prediction, "distribution": distribution}
+
+
+def readable_number(number: float) -> str:
+    """Four decimals, or scientific notation where those would show 0.0000 (a joint
+    probability over many tuple components is often tiny, its log near 0 for a sure one)."""
+    if number == 0 or abs(number) >= 1e-3:
+        return f"{number:.4f}"
+    return f"{number:.3e}"
+
+
 def distribution_charts(distribution: dict[str, Any]) -> None:
     st.subheader("Action distribution")
     most_likely = distribution["most_likely"]
@@ -290,10 +415,10 @@ def distribution_charts(distribution: dict[str, Any]) -> None:
                         "most likely:N",
                         scale=alt.Scale(domain=[False, True], range=["#9ecae1", "#e6550d"]),
                     ),
-                    tooltip=["action", alt.Tooltip("probability:Q", format=".4f")],
+                    tooltip=["action", alt.Tooltip("probability:Q", format=".4~g")],
                 )
             )
-            column.altair_chart(chart, use_container_width=True)
+            column.altair_chart(chart)
         return
     frame = pd.DataFrame(
         {
@@ -309,18 +434,37 @@ def distribution_charts(distribution: dict[str, Any]) -> None:
         .encode(x="dimension:O", y="mean:Q", tooltip=["dimension", "mean", "std"])
     )
     errors = alt.Chart(frame).mark_errorbar().encode(x="dimension:O", y="low:Q", y2="high:Q")
-    st.altair_chart(bars + errors, use_container_width=True)
+    st.altair_chart(bars + errors)
 
 
 def show_result(result: dict[str, Any]) -> None:
     prediction, distribution = result["prediction"], result["distribution"]
     st.subheader("Prediction")
-    left, middle, right = st.columns(3)
-    left.metric("Action", ", ".join(str(a) for a in prediction["actions"]))
-    middle.metric("Probability", f"{prediction['probability']:.4f}")
+    if prediction.get("policy") is not None:
+        st.caption(
+            f"Answered by policy **{prediction['policy']}** version `{prediction['version']}`"
+        )
+    action, probability, log_probability, value = st.columns(4)
+    action.metric("Action", ", ".join(str(a) for a in prediction["actions"]))
+    probability.metric("Probability", readable_number(prediction["probability"]))
+    if prediction.get("log_probability") is not None:
+        log_probability.metric("Log-probability", readable_number(prediction["log_probability"]))
     if prediction.get("value") is not None:
-        right.metric("Value estimate", f"{prediction['value']:.3f}")
+        value.metric("Value estimate", f"{prediction['value']:.3f}")
     distribution_charts(distribution)
+
+
+def explain(error: ServerError, key: str) -> None:
+    """Why there is no form yet: no server, a key to type, or the server's refusal."""
+    if error.status is None:
+        st.warning(
+            f"No policy server answers yet: {error}. Set the server URL in the sidebar, or "
+            "start a server from a schema."
+        )
+    elif error.status in (401, 403) and not key:
+        st.info("This server needs an API key: enter it in the sidebar.")
+    else:
+        st.error(f"Cannot read the policy's schema: {error}")
 
 
 def main() -> None:
@@ -328,32 +472,28 @@ def main() -> None:
     st.title("Try a policy")
     client = sidebar()
     try:
-        info = client.schema()
+        target = choose_target(client)
+        info = client.schema(target)
     except ServerError as error:
-        st.error(f"Cannot read the policy's schema: {error}")
-        st.info("Set the server URL and API key in the sidebar, or start a server from a schema.")
+        explain(error, client.key)
         return
     st.caption(
         f"Policy **{info['name']}** version `{info['version']}` ({info['runtime']}), "
         f"action space {info['action_space']}"
     )
     body, submitted = observation_form(info)
-    if submitted and body is not None:
-        problem = _check_lengths(info, body)
-        if problem:
+    if submitted:
+        st.session_state.pop("result", None)
+        if problem := _check_lengths(info, body):
             st.error(problem)
         else:
-            path = "/predict" if info["observations"] else "/predict_raw"
             try:
-                st.session_state["result"] = {
-                    "prediction": client.post(path, body),
-                    "distribution": client.post("/distribution", body),
-                }
+                st.session_state["result"] = predict(client, target, info, body)
             except ServerError as error:
-                st.session_state.pop("result", None)
                 st.error(f"The server refused the observation: {error}")
-    if "result" in st.session_state:
-        show_result(st.session_state["result"])
+    result = st.session_state.get("result")
+    if result is not None and result["target"] == target:
+        show_result(result)
 
 
 if __name__ == "__main__":
