@@ -244,3 +244,30 @@ def test_sigterm_writes_every_queued_decision_before_exit(tmp_path: Path) -> Non
         assert process.wait(timeout=60) == 0
     assert len(logged_ids(tmp_path)) == 3000
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_logs_restored_without_their_index_get_it_rebuilt(tmp_path: Path) -> None:
+    records = [simple(i) for i in range(4)]
+    first, second = DecisionLog(tmp_path, worker="a"), DecisionLog(tmp_path, worker="b")
+    first.append_blocking(records[:2])
+    second.append_blocking(records[2:])
+    first.close()
+
+    async def reward(log: DecisionLog, index: int) -> str:
+        results = await log.add_rewards(
+            [{"decision_id": records[index]["decision_id"], "reward": 1}]
+        )
+        return str(results[0]["status"])
+
+    # Worker a logs the reward of worker b's decision: a's file is read first on rebuild.
+    first = DecisionLog(tmp_path, worker="a")
+    assert asyncio.run(reward(first, 3)) == "joined"
+    first.close()
+    second.close()
+    for path in tmp_path.glob("index.sqlite*"):
+        path.unlink()
+    registry = CollectorRegistry()
+    rebuilt = DecisionLog(tmp_path, worker="c", registry=registry)
+    assert registry.get_sample_value("policy_server_decisions_awaiting_reward") == 3
+    assert asyncio.run(reward(rebuilt, 0)) == "joined"
+    rebuilt.close()

@@ -12,12 +12,13 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,20 @@ from policy_server.experience.files import (
     check_worker,
     compress,
     leftovers,
+    list_streams,
     lock_worker,
     read_file,
+    read_records,
     workers_with_leftovers,
 )
-from policy_server.experience.index import DecisionIndex
+from policy_server.experience.index import INDEX_NAME, DecisionIndex
 from policy_server.experience.metrics import DecisionLogMetrics
 from policy_server.experience.records import episode_end_record, reward_record
 
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
+_INDEX_CHUNK = 50_000
 _DUMPS_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -87,7 +91,10 @@ class DecisionLog:
         self.max_queue = max_queue
         self._lock_file = lock_worker(self.directory, worker)
         self.metrics = DecisionLogMetrics(registry)
+        rebuild = not (self.directory / INDEX_NAME).exists() and bool(list_streams(self.directory))
         self._index = DecisionIndex(self.directory, durable=sync)
+        if rebuild:
+            self._rebuild_index()
         self._compressor = Compressor()
         self._recover()
         self._awaiting = self._index.awaiting_reward()
@@ -343,14 +350,31 @@ class DecisionLog:
 
     def _recover_worker(self, worker: str) -> None:
         for path in leftovers(self.directory, worker):
-            decisions, rewarded = [], []
-            for record in read_file(path, ReadStats()):
-                if record.get("type") == "decision":
-                    decisions.append((str(record["decision_id"]), record.get("episode_id")))
-                elif record.get("type") == "reward":
-                    rewarded.append(str(record["decision_id"]))
-            self._index.commit(decisions, rewarded)
+            self._index_records(functools.partial(read_file, path, ReadStats()))
             compress(path)
+
+    def _rebuild_index(self) -> None:
+        """Logs moved or restored without their index: index every file again."""
+        logger.warning("%s: no %s beside the logs; rebuilding it", self.directory, INDEX_NAME)
+        self._index_records(lambda: read_records(self.directory))
+
+    def _index_records(self, records: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        """Two passes, decisions first: a reward may be in a file read before its decision's."""
+        for kind in ("decision", "reward"):
+            ids: list[tuple[str, str | None]] = []
+            for record in records():
+                if record.get("type") == kind:
+                    ids.append((str(record["decision_id"]), record.get("episode_id")))
+                if len(ids) >= _INDEX_CHUNK:
+                    self._commit_ids(kind, ids)
+                    ids = []
+            self._commit_ids(kind, ids)
+
+    def _commit_ids(self, kind: str, ids: list[tuple[str, str | None]]) -> None:
+        if kind == "decision":
+            self._index.commit(ids, [])
+        else:
+            self._index.commit([], [decision_id for decision_id, _ in ids])
 
 
 def _reward_status(item: Mapping[str, Any], known: bool) -> str:
