@@ -155,3 +155,10 @@ def example_with_metrics(
     tmp = tmp_path_factory.mktemp("metrics")
     with serving(EXAMPLE, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
         yield server, f"http://127.0.0.1:{port}/metrics"
+
+
+def without_ids(answer: dict) -> dict:
+    """An answer without its decision id, which is unique to every answer."""
+    if "predictions" in answer:
+        return {"predictions": [without_ids(p) for p in answer["predictions"]]}
+    return {key: value for key, value in answer.items() if key != "decision_id"}

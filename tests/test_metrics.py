@@ -34,21 +34,28 @@ def test_metrics_count_requests_batches_and_actions(
         client.post("/predict", json={"cart_position": "x"})
         client.get("/nowhere")
         client.post("/predict_raw_batch", json={"observations": [[0.0, 0.0, 0.2, 1.0]] * 50})
+        version = client.get("/schema").json()["version"]
     text = httpx.get(metrics_url).text
     values = samples(text)
-    assert values['policy_server_requests_total{method="POST",route="/predict",status="200"}'] == 10
-    assert values['policy_server_requests_total{method="POST",route="/predict",status="422"}'] == 1
-    assert values['policy_server_requests_total{method="GET",route="unmatched",status="404"}'] == 1
-    assert values['policy_server_request_duration_seconds_count{route="/predict"}'] == 11
-    assert values['policy_server_batch_size_sum{policy="cartpole"}'] == 60
-    assert values['policy_server_inference_duration_seconds_count{policy="cartpole"}'] >= 11
+    answered = f'policy="cartpole",route="/predict",status="200",version="{version}"'
+    assert values[f'policy_server_requests_total{{method="POST",{answered}}}'] == 10
+    refused = 'policy="",route="/predict",status="422",version=""'
+    assert values[f'policy_server_requests_total{{method="POST",{refused}}}'] == 1
+    unmatched = 'policy="",route="unmatched",status="404",version=""'
+    assert values[f'policy_server_requests_total{{method="GET",{unmatched}}}'] == 1
+    ours = f'policy="cartpole",version="{version}"'
+    timed = f'policy="cartpole",route="/predict",version="{version}"'
+    assert values[f"policy_server_request_duration_seconds_count{{{timed}}}"] == 10
+    assert values[f"policy_server_batch_size_sum{{{ours}}}"] == 60
+    assert values[f"policy_server_inference_duration_seconds_count{{{ours}}}"] >= 11
     served = sum(v for k, v in values.items() if k.startswith("policy_server_actions_total{"))
     assert served == 60
     # The pole falls to the right: a trained policy pushes right nearly every time.
-    assert values['policy_server_actions_total{action="1",component="0",policy="cartpole"}'] >= 55
-    assert values['policy_server_model_load_seconds{policy="cartpole"}'] > 0
+    pushes = f'action="1",component="0",{ours}'
+    assert values[f"policy_server_actions_total{{{pushes}}}"] >= 55
+    assert values[f"policy_server_model_load_seconds{{{ours}}}"] > 0
     info = [k for k in values if k.startswith("policy_server_policy_info{")]
-    assert len(info) == 1 and 'runtime="onnx"' in info[0] and 'version="' in info[0]
+    assert len(info) == 1 and 'runtime="onnx"' in info[0] and f'version="{version}"' in info[0]
     assert "# TYPE policy_server_requests_total counter" in text
 
 

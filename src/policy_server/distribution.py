@@ -79,6 +79,18 @@ class Categorical:
     def sample(self, logits: Array, rng: np.random.Generator) -> Actions:
         return self._choose(logits, rng)
 
+    def log_prob(self, logits: Array, actions: npt.NDArray[np.int64]) -> Array:
+        """Log-probability of given actions, shape (batch, components), under the logits."""
+        rows = np.arange(logits.shape[0])
+        total = np.zeros(logits.shape[0])
+        for index, (shifted, log_z) in enumerate(self._blocks(logits)):
+            total += shifted[rows, actions[:, index]] - log_z
+        return total
+
+    def masked(self, logits: Array, masks: npt.NDArray[np.bool_]) -> Array:
+        """The logits with every action whose mask is False set to -inf (probability 0)."""
+        return np.where(masks, logits.astype(np.float64), -np.inf)
+
     def _choose(self, logits: Array, rng: np.random.Generator | None) -> Actions:
         batch = logits.shape[0]
         rows = np.arange(batch)
@@ -118,6 +130,10 @@ class DiagGaussian:
     def mode(self, logits: Array) -> Actions:
         mean, std = self._moments(logits)
         return Actions(mean, self._log_prob(mean, mean, std))
+
+    def log_prob(self, logits: Array, actions: Array) -> Array:
+        mean, std = self._moments(logits)
+        return self._log_prob(actions.astype(np.float64), mean, std)
 
     def sample(self, logits: Array, rng: np.random.Generator) -> Actions:
         mean, std = self._moments(logits)

@@ -36,9 +36,34 @@ class InvalidObservation(PolicyServerError):
     code = "invalid_observation"
 
 
+@dataclass(frozen=True)
+class RowError:
+    """A problem with one observation of a call, by its index; `field` within it ("" for the
+    observation as a whole). The HTTP layer names it by the request's own layout."""
+
+    row: int
+    field: str
+    message: str
+
+
+class InvalidRows(InvalidObservation):
+    """Invalid observations found by the service, named by row; see `api/errors.py`."""
+
+    def __init__(self, message: str, rows: list[RowError]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 class PolicyNotFound(PolicyServerError):
     status_code = 404
     code = "policy_not_found"
+
+
+class PolicyUnavailable(PolicyServerError):
+    """The policy exists but no version of it can answer now (loading, failed, draining)."""
+
+    status_code = 503
+    code = "policy_unavailable"
 
 
 class NotAuthenticated(PolicyServerError):

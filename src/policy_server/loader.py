@@ -11,7 +11,7 @@ from policy_server.errors import PolicyLoadError
 from policy_server.registry import LoadedPolicy
 from policy_server.runtime.base import PolicyRuntime
 from policy_server.schema import PolicySchema, load_schema
-from policy_server.settings import Settings
+from policy_server.settings import PolicySettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +22,23 @@ CACHED_ONNX = "policy.onnx"
 
 
 def load_policy(settings: Settings) -> LoadedPolicy:
+    """The single policy in `settings.policy_path`, its version named by its content."""
     folder = settings.policy_path
     if not folder.is_dir():
         raise PolicyLoadError(f"{folder}: no such folder; pass the folder holding schema.yaml")
+    return load_folder(folder, settings.resolved_policy_name, None, settings)
+
+
+def load_folder(
+    folder: Path,
+    name: str,
+    version: str | None,
+    settings: Settings,
+    policy_settings: PolicySettings | None = None,
+) -> LoadedPolicy:
+    """Load one policy version; `version` None names it by a digest of its model."""
     started = time.perf_counter()
+    runtime_choice = (policy_settings or PolicySettings.from_server(settings)).runtime
     schema = load_schema(folder / "schema.yaml")
     if (folder / ONNX_NAME).is_file() and not (folder / ARCHIVE_NAME).is_file():
         runtime, digest = (
@@ -33,9 +46,9 @@ def load_policy(settings: Settings) -> LoadedPolicy:
             file_digest(folder / ONNX_NAME),
         )
     else:
-        runtime, digest = _saved_model_runtime(folder, schema, settings)
+        runtime, digest = _saved_model_runtime(folder, schema, settings, runtime_choice)
     check_width(schema, runtime.observation_width, folder)
-    policy = LoadedPolicy(settings.resolved_policy_name, digest[:12], schema, runtime)
+    policy = LoadedPolicy(name, version or digest[:12], schema, runtime, folder)
     logger.info(
         "loaded policy %s version %s (%s, %s) in %.2fs",
         policy.name,
@@ -63,31 +76,31 @@ def locate_saved_model(folder: Path, settings: Settings) -> tuple[Path, str]:
 
 
 def _saved_model_runtime(
-    folder: Path, schema: PolicySchema, settings: Settings
+    folder: Path, schema: PolicySchema, settings: Settings, choice: str
 ) -> tuple[PolicyRuntime, str]:
     model_dir, digest = locate_saved_model(folder, settings)
     cached = settings.cache_dir / digest / CACHED_ONNX
-    if settings.runtime != "tensorflow" and cached.is_file():
-        runtime = _cached_onnx(cached, settings)
+    if choice != "tensorflow" and cached.is_file():
+        runtime = _cached_onnx(cached, choice)
         if runtime is not None:
             return runtime, digest
     from policy_server.runtime.tensorflow import TensorFlowRuntime
 
     tensorflow = TensorFlowRuntime(model_dir, schema.parameters)
-    if settings.runtime == "tensorflow":
+    if choice == "tensorflow":
         return tensorflow, digest
     try:
         from policy_server.runtime.convert import convert
 
         return convert(tensorflow, cached), digest
     except PolicyLoadError as error:
-        if settings.runtime == "onnx":
+        if choice == "onnx":
             raise
         logger.warning("serving with TensorFlow: no verified ONNX model (%s)", error)
         return tensorflow, digest
 
 
-def _cached_onnx(path: Path, settings: Settings) -> PolicyRuntime | None:
+def _cached_onnx(path: Path, choice: str) -> PolicyRuntime | None:
     from policy_server.runtime.onnx import OnnxRuntime, open_session, stored_layout
 
     try:
@@ -97,7 +110,7 @@ def _cached_onnx(path: Path, settings: Settings) -> PolicyRuntime | None:
             raise PolicyLoadError(f"{path}: has no policy-server layout metadata")
         return OnnxRuntime(session, layout, path)
     except PolicyLoadError as error:
-        if settings.runtime == "onnx":
+        if choice == "onnx":
             raise
         logger.warning("ignoring the cached ONNX model: %s", error)
         return None

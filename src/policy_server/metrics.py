@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,47 +32,50 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "policy_server_requests",
-            "HTTP requests answered, by route template, method and status code.",
-            ["route", "method", "status"],
+            "HTTP requests answered, by route template, method, status code, and the policy "
+            "and version that answered (empty when none did).",
+            ["route", "method", "status", "policy", "version"],
             registry=self.registry,
         )
         self.request_duration = Histogram(
             "policy_server_request_duration_seconds",
-            "Time from the request's arrival to its response, by route template.",
-            ["route"],
+            "Time from the request's arrival to its response, by route template, policy and "
+            "version.",
+            ["route", "policy", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
             "policy_server_batch_size",
             "Observations per model call (micro-batches and batch requests).",
-            ["policy"],
+            ["policy", "version"],
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.inference_duration = Histogram(
             "policy_server_inference_duration_seconds",
             "Time of one model call (a forward pass over a batch).",
-            ["policy"],
+            ["policy", "version"],
             buckets=_INFERENCE_BUCKETS,
             registry=self.registry,
         )
         self.actions = Counter(
             "policy_server_actions",
-            "Actions served, by policy, action component and action value (discrete actions).",
-            ["policy", "component", "action"],
+            "Actions served, by policy, version, action component and action value "
+            "(discrete actions).",
+            ["policy", "version", "component", "action"],
             registry=self.registry,
         )
         self.load_duration = Gauge(
             "policy_server_model_load_seconds",
-            "Time it took to load the policy at start-up.",
-            ["policy"],
+            "Time it took to load the policy version.",
+            ["policy", "version"],
             registry=self.registry,
         )
         self.info = Info(
             "policy_server_policy",
-            "The loaded policy: name, version and runtime.",
-            ["policy"],
+            "The loaded policy versions: name, version and runtime.",
+            ["policy", "version"],
             registry=self.registry,
         )
         self.replica_requests = Counter(
@@ -80,15 +84,46 @@ class Metrics:
             ["policy", "replica"],
             registry=self.registry,
         )
-        self._action_children: dict[tuple[str, int, int], Any] = {}
+        self.shadow_comparisons = Counter(
+            "policy_server_shadow_comparisons",
+            "Observations scored by a shadow version, by whether its most likely action "
+            "agreed with the answering version's (agree, disagree) or the scoring failed.",
+            ["policy", "version", "shadow", "result"],
+            registry=self.registry,
+        )
+        self.shadow_skipped = Counter(
+            "policy_server_shadow_skipped",
+            "Observations a shadow version did not score because its queue was full.",
+            ["policy", "shadow"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "policy_server_reloads",
+            "Reloads of the policy folders, by outcome of the versions they touched.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._action_children: dict[tuple[str, str, int, int], Any] = {}
         self._lock = threading.Lock()
 
     def policy_loaded(self, name: str, version: str, runtime: str, seconds: float) -> None:
-        self.load_duration.labels(name).set(seconds)
-        self.info.labels(name).info({"version": version, "runtime": runtime})
+        self.load_duration.labels(name, version).set(seconds)
+        self.info.labels(name, version).info({"runtime": runtime})
 
-    def batch_observer(self, policy: str) -> Callable[[int, float], None]:
-        size, duration = self.batch_size.labels(policy), self.inference_duration.labels(policy)
+    def policy_unloaded(self, name: str, version: str) -> None:
+        """Drop an unloaded version's children, so its series stop being exported."""
+        for metric in (self.load_duration, self.info, self.batch_size, self.inference_duration):
+            with contextlib.suppress(KeyError):
+                metric.remove(name, version)
+        with self._lock:
+            for key in [k for k in self._action_children if k[:2] == (name, version)]:
+                child = self._action_children.pop(key)
+                del child
+                self.actions.remove(name, version, str(key[2]), str(key[3]))
+
+    def batch_observer(self, policy: str, version: str) -> Callable[[int, float], None]:
+        size = self.batch_size.labels(policy, version)
+        duration = self.inference_duration.labels(policy, version)
 
         def observe(rows: int, seconds: float) -> None:
             size.observe(rows)
@@ -102,23 +137,23 @@ class Metrics:
 
         return observe
 
-    def count_actions(self, policy: str, actions: npt.NDArray[np.int64]) -> None:
+    def count_actions(self, policy: str, version: str, actions: npt.NDArray[np.int64]) -> None:
         """Count discrete actions per component and value, so that drift shows over time."""
         if actions.shape[0] == 1:  # a single request: no need to tally
             for component, value in enumerate(actions[0].tolist()):
-                self._action_child(policy, component, value).inc()
+                self._action_child(policy, version, component, value).inc()
             return
         for component in range(actions.shape[1]):
             values, counts = np.unique(actions[:, component], return_counts=True)
             for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                self._action_child(policy, component, value).inc(count)
+                self._action_child(policy, version, component, value).inc(count)
 
-    def _action_child(self, policy: str, component: int, value: int) -> Any:
-        key = (policy, component, value)
+    def _action_child(self, policy: str, version: str, component: int, value: int) -> Any:
+        key = (policy, version, component, value)
         child = self._action_children.get(key)
         if child is None:
             with self._lock:
-                child = self.actions.labels(policy, str(component), str(value))
+                child = self.actions.labels(policy, version, str(component), str(value))
                 self._action_children[key] = child
         return child
 
@@ -126,4 +161,11 @@ class Metrics:
         """Expose /metrics (Prometheus text format) on its own port, in a daemon thread."""
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=host, registry=self.registry)
+        self._server = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop_serving(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server[0].shutdown()
+            server[0].server_close()
+            del self._server

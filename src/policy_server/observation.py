@@ -15,32 +15,36 @@ from policy_server.schema import FieldType, ObservationField, PolicySchema
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def observation_model(schema: PolicySchema) -> type[BaseModel] | None:
+def observation_model(schema: PolicySchema, name: str = "Observation") -> type[BaseModel] | None:
     """The typed `Observation` body of /predict: one attribute per schema field, in order."""
     if not schema.has_observations:
         return None
     fields: dict[str, Any] = {f.name: (_annotation(f), _field_info(f)) for f in schema.observations}
     example = {f.name: _example(f) for f in schema.observations}
     return create_model(
-        "Observation",
+        name,
         __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
         __doc__="One observation, with the fields of schema.yaml in the order the model reads.",
         **fields,
     )
 
 
-def raw_observation_model(width: int) -> type[BaseModel]:
-    """The `{"obs": [...]}` body of /predict_raw: exactly `width` numbers."""
-    number = Annotated[
+def raw_number() -> Any:  # a type expression, built where pydantic needs it
+    """One raw model input: a JSON number that stays finite as float32."""
+    return Annotated[
         float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
     ]
+
+
+def raw_observation_model(width: int, name: str = "RawObservation") -> type[BaseModel]:
+    """The `{"obs": [...]}` body of /predict_raw: exactly `width` numbers."""
     return create_model(
-        "RawObservation",
+        name,
         __config__=ConfigDict(
             extra="forbid", json_schema_extra={"examples": [{"obs": [0.0] * width}]}
         ),
         __doc__=f"The model's {width} input values, concatenated in schema order.",
-        obs=(list[number], Field(min_length=width, max_length=width)),
+        obs=(list[raw_number()], Field(min_length=width, max_length=width)),  # type: ignore[misc,arg-type]
     )
 
 

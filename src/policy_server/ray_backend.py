@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import BackendUnavailable, PolicyLoadError
-from policy_server.registry import LoadedPolicy
+from policy_server.registry import PolicyVersion
 from policy_server.runtime.base import ModelOutputs
 from policy_server.settings import Settings
 
@@ -34,11 +35,13 @@ logger = logging.getLogger(__name__)
 class PolicyDeployment:
     """One replica: the policy's runtime behind Ray Serve's batching."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        from policy_server.loader import load_policy
+    def __init__(self, settings: dict[str, Any], source: dict[str, str]) -> None:
+        from policy_server.loader import load_folder
 
         self._settings = Settings.model_validate(settings)
-        self._runtime = load_policy(self._settings).runtime
+        self._runtime = load_folder(
+            Path(source["folder"]), source["name"], source["version"], self._settings
+        ).runtime
         self.forward.set_max_batch_size(self._settings.max_batch_size)  # type: ignore[attr-defined]
         wait = self._settings.max_batch_wait_ms / 1000.0
         self.forward.set_batch_wait_timeout_s(wait)  # type: ignore[attr-defined]
@@ -101,32 +104,56 @@ class RayForward:
 
 
 _started_ray = False
+_deployed: set[str] = set()
 
 
-def deploy(settings: Settings, policy: LoadedPolicy, on_replica: Any = None) -> RayForward:
-    """Join the cluster at --ray-address (or start a local Ray) and run the deployment."""
+def _source(version: PolicyVersion) -> dict[str, str]:
+    return {
+        "folder": str(version.folder.resolve()),
+        "name": version.name,
+        "version": version.version,
+    }
+
+
+def _shared(settings: Settings) -> dict[str, Any]:
+    return settings.model_dump(mode="json", exclude={"api_key", "admin_key"})
+
+
+def application_name(version: PolicyVersion) -> str:
+    return f"policy-{version.name}-{version.version}"
+
+
+async def deploy_version(settings: Settings, version: PolicyVersion, metrics: Any) -> RayForward:
+    """Run one policy version as its own Ray Serve application (a local Ray, or the cluster
+    at --ray-address); its caller removes it again when the version is unloaded."""
+    return await asyncio.to_thread(_deploy, settings, version, metrics)
+
+
+def _deploy(settings: Settings, version: PolicyVersion, metrics: Any) -> RayForward:
     global _started_ray
     if not ray.is_initialized():
         address = settings.ray_address or None
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         _started_ray = address is None
     serve.start(proxy_location="Disabled")
-    app = PolicyDeployment.options(**deployment_options(settings)).bind(  # type: ignore[attr-defined]
-        settings.model_dump(mode="json", exclude={"api_key"})
-    )
-    application = f"policy-{policy.name}"
-    handle = serve.run(app, name=application, route_prefix=None)
-    logger.info("policy %s deployed on Ray Serve (%s)", policy.name, deployment_options(settings))
-    return RayForward(handle, application, on_replica)
+    options = deployment_options(settings)
+    app = PolicyDeployment.options(**options).bind(_shared(settings), _source(version))  # type: ignore[attr-defined]
+    name = application_name(version)
+    handle = serve.run(app, name=name, route_prefix=None)
+    _deployed.add(name)
+    logger.info("policy %s/%s deployed on Ray Serve (%s)", version.name, version.version, options)
+    return RayForward(handle, name, metrics.replica_observer(version.name))
 
 
 def shutdown(application: str) -> None:
-    """Stop the local Ray instance this process started, with every process it owns; on a
-    cluster we joined, remove only our application and leave Serve to the others."""
+    """Remove one version's application; when the last one goes, stop the local Ray instance
+    this process started, with every process it owns. On a cluster we joined, only our
+    applications are removed."""
     global _started_ray
+    _deployed.discard(application)
     if not ray.is_initialized():
         return
-    if _started_ray:
+    if _started_ray and not _deployed:
         ray.shutdown()
         _started_ray = False
     else:
@@ -139,30 +166,45 @@ class ApiIngress:
     """The HTTP API as a Ray Serve ingress, for `serve deploy` (see `policy-server ray-config`):
     the same app as `policy-server serve`, built inside the replica around the policy handle."""
 
-    def __init__(self, settings: dict[str, Any], policy: Any) -> None:
+    def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
         self._settings = Settings.model_validate(settings)
-        self._policy = policy
+        self._handles = handles
 
     def __serve_build_asgi_app__(self) -> Any:
         from policy_server.server import build_app
+        from policy_server.service import ModelCaller, local_caller
+        from policy_server.settings import PolicySettings
 
-        def callers(registry: Any, metrics: Any) -> dict[tuple[str, str], RayForward]:
-            return {
-                (p.name, p.version): RayForward(
-                    self._policy, None, metrics.replica_observer(p.name)
-                )
-                for p in registry
-            }
+        async def callers(version: PolicyVersion, metrics: Any) -> ModelCaller:
+            handle = self._handles.get(f"{version.name}/{version.version}")
+            if handle is None:  # a version that appeared after `serve deploy`: in-process
+                return local_caller(version, PolicySettings.from_server(self._settings))
+            return RayForward(handle, None, metrics.replica_observer(version.name))
 
         return build_app(self._settings, callers)
 
 
 def application(args: dict[str, Any]) -> Any:
-    """Ray Serve application builder: `import_path: policy_server.ray_backend:application`."""
+    """Ray Serve application builder: `import_path: policy_server.ray_backend:application`.
+    One policy deployment per version found in the policy folders, behind one ingress."""
+    from policy_server.repository import Scanner
+
     settings = Settings.model_validate(args)
-    shared = settings.model_dump(mode="json", exclude={"api_key"})
-    policy = PolicyDeployment.options(**deployment_options(settings)).bind(shared)  # type: ignore[attr-defined]
-    return ApiIngress.bind(shared, policy)  # type: ignore[attr-defined]
+    shared = _shared(settings)
+    scan = Scanner(settings.policy_paths, settings.policy_name).scan()
+    handles = {}
+    for name, versions in scan.versions.items():
+        for source in versions.values():
+            options = deployment_options(settings) | {"name": f"policy-{name}-{source.version}"}
+            folder = {
+                "folder": str(source.folder.resolve()),
+                "name": name,
+                "version": source.version,
+            }
+            handles[f"{name}/{source.version}"] = PolicyDeployment.options(**options).bind(  # type: ignore[attr-defined]
+                shared, folder
+            )
+    return ApiIngress.bind(shared, handles)  # type: ignore[attr-defined]
 
 
 def serve_config(settings: Settings) -> dict[str, Any]:
@@ -175,6 +217,8 @@ def serve_config(settings: Settings) -> dict[str, Any]:
         if value != defaults.get(name)
     }
     args["policy_path"] = str(settings.policy_path.resolve())
+    if settings.extra_policy_paths:
+        args["extra_policy_paths"] = [str(p.resolve()) for p in settings.extra_policy_paths]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": settings.host, "port": settings.port},

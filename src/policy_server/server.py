@@ -1,77 +1,87 @@
-"""Start-up: settings -> loaded policy -> registry -> FastAPI app -> uvicorn."""
+"""Start-up: settings -> policy folders -> registry and manager -> FastAPI app -> uvicorn."""
 
 from __future__ import annotations
 
 import gc
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 
 from policy_server.api.app import create_app
+from policy_server.api.auth import KeyRing
 from policy_server.errors import PolicyLoadError
-from policy_server.loader import load_policy
+from policy_server.lifecycle import PolicyManager
 from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
-from policy_server.registry import LoadedPolicy, PolicyRegistry
-from policy_server.service import ModelCaller, PolicyService, local_callers
+from policy_server.observers import ActionMetrics, ShadowScorer
+from policy_server.registry import PolicyRegistry, PolicyVersion
+from policy_server.service import ModelCaller, PolicyService, local_caller
 from policy_server.settings import Settings
 
-
-def resolve_api_key(settings: Settings, policy: LoadedPolicy) -> str | None:
-    """The key clients must send: --api-key / environment first, then schema.yaml."""
-    if settings.api_key is not None and settings.api_key.get_secret_value():
-        return settings.api_key.get_secret_value()
-    if policy.schema.parameters.api_key:
-        return policy.schema.parameters.api_key
-    if settings.no_auth:
-        return None
-    raise PolicyLoadError(
-        "no API key configured: set parameters.api_key in schema.yaml, the environment "
-        "variable POLICY_SERVER_API_KEY or --api-key, or serve without auth with --no-auth"
-    )
+CallerHook = Callable[[PolicyVersion, Metrics], Awaitable[ModelCaller]]
 
 
-CallerFactory = Callable[[PolicyRegistry, Metrics], Mapping[tuple[str, str], ModelCaller]]
-
-
-def build_app(settings: Settings, callers: CallerFactory | None = None) -> FastAPI:
+def build_app(settings: Settings, callers: CallerHook | None = None) -> FastAPI:
     """The whole server for `settings`; `callers` overrides how model calls are made (the
     Ray Serve ingress passes its deployment handle)."""
     configure_logging(settings.log_level)
     metrics = Metrics()
-    started = time.perf_counter()
-    policy = load_policy(settings)
-    metrics.policy_loaded(
-        policy.name, policy.version, policy.runtime.name, time.perf_counter() - started
-    )
     registry = PolicyRegistry()
-    registry.add(policy)
-    api_key = resolve_api_key(settings, policy)
-    make_callers = callers or (lambda r, m: _model_callers(r, settings, m))
-    service = PolicyService(registry, make_callers(registry, metrics), metrics)
-    app = create_app(service, settings, api_key, metrics)
-    # Everything loaded so far lives as long as the process: keep the cyclic garbage
-    # collector from walking it again and again, which shows up as tail latency.
-    gc.collect()
-    gc.freeze()
+    manager = PolicyManager(settings, registry, metrics)
+    manager.load_initial()
+    shadow = ShadowScorer(registry, metrics, settings.shadow_queue)
+    service = PolicyService(registry, [ActionMetrics(metrics), shadow])
+    _install_hooks(settings, registry, service, metrics, callers)
+    api_key = settings.secret("api_key")
+    keys = KeyRing(
+        [api_key] if api_key else [],
+        settings.secret("admin_key"),
+        settings.no_auth,
+    )
+    app = create_app(service, manager, settings, keys, metrics, closing=[shadow.close])
+    freeze_garbage()
     return app
 
 
-def _model_callers(
-    registry: PolicyRegistry, settings: Settings, metrics: Metrics
-) -> dict[tuple[str, str], ModelCaller]:
-    if settings.resolved_backend != "ray":
-        return local_callers(registry, settings, metrics)
-    from policy_server.ray_backend import deploy
+def freeze_garbage() -> None:
+    """Everything loaded so far lives until a reload replaces it: keep the cyclic garbage
+    collector from walking it again and again, which shows up as tail latency. Reloads
+    unfreeze first, so that replaced versions can be collected."""
+    gc.collect()
+    gc.freeze()
 
-    return {
-        (policy.name, policy.version): deploy(
-            settings, policy, metrics.replica_observer(policy.name)
-        )
-        for policy in registry
-    }
+
+def _install_hooks(
+    settings: Settings,
+    registry: PolicyRegistry,
+    service: PolicyService,
+    metrics: Metrics,
+    callers: CallerHook | None,
+) -> None:
+    async def attach(version: PolicyVersion) -> None:
+        if callers is not None:
+            version.caller = await callers(version, metrics)
+        elif settings.resolved_backend == "ray":
+            from policy_server.ray_backend import deploy_version
+
+            version.caller = await deploy_version(settings, version, metrics)
+        else:
+            entry = registry.entry(version.name)
+            observer = metrics.batch_observer(version.name, version.version)
+            version.caller = local_caller(version, entry.settings, observer)
+
+    async def detach(version: PolicyVersion) -> None:
+        if version.caller is not None:
+            await version.caller.close()
+        metrics.policy_unloaded(version.name, version.version)
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+    registry.on_ready.append(attach)
+    registry.on_unload.append(detach)
+    service.attach = attach
 
 
 def serve(settings: Settings) -> None:

@@ -1,32 +1,45 @@
-"""The policy service: observations in, actions and distributions out. No HTTP here."""
+"""The policy service: observation rows in, decisions and distributions out. No HTTP here.
+
+Each call names the version that answers (resolved through the registry, per request), runs
+its model through the version's caller (micro-batcher or Ray), applies the request's action
+masks, chooses actions and hands the result to the observers (metrics, decision log, shadow).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel
 
 from policy_server.batching import MicroBatcher
-from policy_server.distribution import Actions, Categorical
-from policy_server.errors import FieldError, InvalidObservation
-from policy_server.metrics import Metrics
-from policy_server.observation import as_batch
-from policy_server.registry import LoadedPolicy, PolicyRegistry
+from policy_server.distribution import ActionDistribution, Actions, Categorical
+from policy_server.errors import InvalidRows, RowError
+from policy_server.registry import PolicyRegistry, PolicyVersion
 from policy_server.runtime.base import ModelOutputs
-from policy_server.settings import Settings
+from policy_server.settings import PolicySettings
+from policy_server.spaces import categorical_sizes
 
 
-class Prediction(TypedDict):
+class Prediction(TypedDict, total=False):
     """A plain dict at run time: batch answers build thousands, and a dict is the cheapest."""
 
     actions: list[Any]
     probability: float
     log_probability: float
     value: float | None
+    policy: str
+    version: str
+    decision_id: str
+    episode_id: str
+    step: int
 
 
 @dataclass(frozen=True)
@@ -37,84 +50,124 @@ class DistributionResult:
     std: list[float] | None
     most_likely: list[Any]
     value: float | None
+    policy: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What a request says of the episode it belongs to."""
+
+    episode_id: str | None = None
+    step: int | None = None
+
+
+NO_EPISODE = Episode()
 
 
 class ModelCaller(Protocol):
-    """How the service reaches a policy's model: the in-process micro-batcher, or Ray Serve."""
+    """How the service reaches a version's model: the in-process micro-batcher, or Ray Serve."""
 
     async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs: ...
 
     async def close(self) -> None: ...
 
 
-def local_callers(
-    registry: PolicyRegistry, settings: Settings, metrics: Metrics | None = None
-) -> dict[tuple[str, str], ModelCaller]:
-    return {
-        (policy.name, policy.version): MicroBatcher(
-            policy.runtime.forward,
-            settings.max_batch_size,
-            settings.max_batch_wait_ms / 1000.0,
-            None if metrics is None else metrics.batch_observer(policy.name),
-        )
-        for policy in registry
-    }
+@dataclass
+class PredictionEvent:
+    """One answered call, as the observers see it."""
+
+    version: PolicyVersion
+    rows: npt.NDArray[np.float32]
+    logits: npt.NDArray[np.floating[Any]]
+    outputs: ModelOutputs
+    chosen: Actions
+    predictions: list[Prediction]
+    sampled: bool
+    masks: npt.NDArray[np.bool_] | None
+
+
+class Observer(Protocol):
+    """Sees every answered prediction after its answer is built (metrics, decision log,
+    shadow scoring). An observer that awaits delays the answer: only the decision log's
+    back-pressure and sync mode should."""
+
+    async def observe(self, event: PredictionEvent) -> None: ...
+
+
+def local_caller(
+    version: PolicyVersion, settings: PolicySettings, on_batch: Any = None
+) -> MicroBatcher:
+    return MicroBatcher(
+        version.loaded.runtime.forward,
+        settings.max_batch_size,
+        settings.max_batch_wait_ms / 1000.0,
+        on_batch,
+    )
 
 
 class PolicyService:
-    def __init__(
-        self,
-        registry: PolicyRegistry,
-        callers: Mapping[tuple[str, str], ModelCaller],
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.registry = registry
-        self._metrics = metrics
-        self._rng = np.random.default_rng()
-        self._callers = dict(callers)
+    MAX_EPISODES = 100_000
 
-    async def close(self) -> None:
-        for caller in self._callers.values():
-            await caller.close()
+    def __init__(self, registry: PolicyRegistry, observers: Sequence[Observer] = ()) -> None:
+        self.registry = registry
+        self.observers = list(observers)
+        self._rng = np.random.default_rng()
+        self._steps: OrderedDict[str, int] = OrderedDict()
+        self._ids = DecisionIds()
+        # Attaches a caller to a version that has none yet (an app used without lifespan).
+        self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
+
+    def resolve(
+        self, name: str | None, version: str | None, episode_id: str | None = None
+    ) -> PolicyVersion:
+        return self.registry.resolve(name, version, episode_id)
 
     async def predict(
         self,
-        policy: LoadedPolicy,
-        observations: Sequence[BaseModel],
-        *,
-        deterministic: bool = False,
-        seed: int | None = None,
-    ) -> list[Prediction]:
-        rows = as_batch(policy.vectorizer.rows(observations, policy.raw_model))
-        return await self.predict_rows(policy, rows, deterministic=deterministic, seed=seed)
-
-    async def predict_rows(
-        self,
-        policy: LoadedPolicy,
+        version: PolicyVersion,
         rows: npt.NDArray[np.float32],
         *,
+        episodes: Sequence[Episode] | None = None,
+        masks: Sequence[list[list[Any]] | None] | None = None,
         deterministic: bool = False,
         seed: int | None = None,
     ) -> list[Prediction]:
-        """Predictions for observation vectors of shape (batch, the model's input width)."""
-        outputs = await self._forward(policy, rows)
+        """Decisions for observation rows of shape (batch, the model's input width)."""
+        policy = version.loaded
+        mask = self._masks(version, masks, len(rows))
+        with self.registry.lease(version):
+            outputs = await self._forward(version, rows)
+        logits = _masked(policy.distribution, outputs.logits, mask)
+        self._check(version, logits, mask)
         if deterministic:
-            chosen = policy.distribution.mode(outputs.logits)
+            chosen = policy.distribution.mode(logits)
         else:
             rng = self._rng if seed is None else np.random.default_rng(seed)
-            chosen = policy.distribution.sample(outputs.logits, rng)
-        if self._metrics is not None and isinstance(policy.distribution, Categorical):
-            self._metrics.count_actions(policy.name, chosen.values)  # type: ignore[arg-type]
-        return _predictions(chosen, outputs)
+            chosen = policy.distribution.sample(logits, rng)
+        predictions = self._predictions(version, chosen, outputs, episodes)
+        if self.observers:
+            event = PredictionEvent(
+                version, rows, logits, outputs, chosen, predictions, not deterministic, mask
+            )
+            for observer in self.observers:
+                await observer.observe(event)
+        return predictions
 
     async def distribution(
-        self, policy: LoadedPolicy, observation: BaseModel
+        self,
+        version: PolicyVersion,
+        rows: npt.NDArray[np.float32],
+        masks: Sequence[list[list[Any]] | None] | None = None,
     ) -> DistributionResult:
-        outputs = await self._forward(
-            policy, as_batch(policy.vectorizer.rows([observation], policy.raw_model))
-        )
-        exact = policy.distribution.distribution(outputs.logits)
-        mode = policy.distribution.mode(outputs.logits)
+        policy = version.loaded
+        mask = self._masks(version, masks, len(rows))
+        with self.registry.lease(version):
+            outputs = await self._forward(version, rows)
+        logits = _masked(policy.distribution, outputs.logits, mask)
+        self._check(version, logits, mask)
+        exact = policy.distribution.distribution(logits)
+        mode = policy.distribution.mode(logits)
         return DistributionResult(
             action_space=policy.runtime.action_space.describe(),
             probabilities=None
@@ -124,29 +177,170 @@ class PolicyService:
             std=None if exact.std is None else exact.std[0].tolist(),
             most_likely=mode.values[0].tolist(),
             value=None if outputs.value is None else float(outputs.value[0]),
+            policy=version.name,
+            version=version.version,
         )
 
-    async def _forward(self, policy: LoadedPolicy, rows: npt.NDArray[np.float32]) -> ModelOutputs:
-        outputs = await self._callers[policy.name, policy.version].forward(rows)
-        bad = ~policy.distribution.valid_rows(outputs.logits)
-        if bad.any():
-            raise InvalidObservation(
-                "the model produced non-finite logits for this observation; its values are "
-                "probably far outside the range the policy was trained on",
-                [
-                    FieldError(f"observations.{i}" if len(rows) > 1 else "body", "out of range")
-                    for i in np.flatnonzero(bad)
-                ],
-            )
+    async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+        if version.caller is None and self.attach is not None:
+            await self.attach(version)
+        outputs: ModelOutputs = await version.caller.forward(rows)
         return outputs
 
+    def _check(
+        self,
+        version: PolicyVersion,
+        logits: npt.NDArray[np.floating[Any]],
+        mask: npt.NDArray[np.bool_] | None,
+    ) -> None:
+        bad = ~version.loaded.distribution.valid_rows(logits)
+        if not bad.any():
+            return
+        raise InvalidRows(
+            "the model produced non-finite logits for this observation; its values are "
+            "probably far outside the range the policy was trained on",
+            [RowError(int(i), "", "out of range") for i in np.flatnonzero(bad)],
+        )
 
-def _predictions(chosen: Actions, outputs: ModelOutputs) -> list[Prediction]:
-    values = chosen.values.tolist()
-    log_probs = chosen.log_prob.tolist()
-    probabilities = np.exp(chosen.log_prob).tolist()
-    estimates = [None] * len(values) if outputs.value is None else outputs.value.tolist()
-    return [
-        {"actions": a, "probability": p, "log_probability": lp, "value": v}
-        for a, p, lp, v in zip(values, probabilities, log_probs, estimates, strict=True)
-    ]
+    def _masks(
+        self,
+        version: PolicyVersion,
+        masks: Sequence[list[list[Any]] | None] | None,
+        count: int,
+    ) -> npt.NDArray[np.bool_] | None:
+        """The requests' action masks as one (batch, logits width) array; None if none."""
+        if masks is None or all(m is None for m in masks):
+            return None
+        space = version.loaded.runtime.action_space
+        distribution = version.loaded.distribution
+        if not isinstance(distribution, Categorical):
+            raise InvalidRows(
+                "action_mask applies only to discrete action spaces",
+                [
+                    RowError(i, "action_mask", f"the action space is {space.describe()}")
+                    for i, m in enumerate(masks)
+                    if m is not None
+                ],
+            )
+        sizes = categorical_sizes(space)
+        result = np.ones((count, sum(sizes)), dtype=bool)
+        errors: list[RowError] = []
+        for row, mask in enumerate(masks):
+            if mask is not None:
+                errors += _fill_mask(result[row], mask, sizes, row)
+        if errors:
+            raise InvalidRows("invalid action mask", errors)
+        return result
+
+    def _predictions(
+        self,
+        version: PolicyVersion,
+        chosen: Actions,
+        outputs: ModelOutputs,
+        episodes: Sequence[Episode] | None,
+    ) -> list[Prediction]:
+        values = chosen.values.tolist()
+        log_probs = chosen.log_prob.tolist()
+        probabilities = np.exp(chosen.log_prob).tolist()
+        estimates = [None] * len(values) if outputs.value is None else outputs.value.tolist()
+        ids = self._ids.take(len(values))
+        name, label = version.name, version.version
+        predictions: list[Prediction] = [
+            {
+                "actions": a,
+                "probability": p,
+                "log_probability": lp,
+                "value": v,
+                "policy": name,
+                "version": label,
+                "decision_id": i,
+            }
+            for a, p, lp, v, i in zip(values, probabilities, log_probs, estimates, ids, strict=True)
+        ]
+        if episodes is not None:
+            for prediction, episode in zip(predictions, episodes, strict=True):
+                if episode.episode_id is not None:
+                    prediction["episode_id"] = episode.episode_id
+                    prediction["step"] = self._step(episode)
+        return predictions
+
+    def _step(self, episode: Episode) -> int:
+        """The client's step, else this process's count of the episode's decisions."""
+        assert episode.episode_id is not None
+        steps = self._steps
+        step = episode.step if episode.step is not None else steps.get(episode.episode_id, 0)
+        steps[episode.episode_id] = step + 1
+        steps.move_to_end(episode.episode_id)
+        if len(steps) > self.MAX_EPISODES:
+            steps.popitem(last=False)
+        return step
+
+    def end_episode(self, episode_id: str) -> None:
+        self._steps.pop(episode_id, None)
+
+
+def _masked(
+    distribution: ActionDistribution,
+    logits: npt.NDArray[np.floating[Any]],
+    mask: npt.NDArray[np.bool_] | None,
+) -> npt.NDArray[np.floating[Any]]:
+    if mask is None or not isinstance(distribution, Categorical):
+        return logits
+    return distribution.masked(logits, mask)
+
+
+def _fill_mask(
+    target: npt.NDArray[np.bool_], mask: list[list[Any]], sizes: tuple[int, ...], row: int
+) -> list[RowError]:
+    if len(mask) != len(sizes):
+        return [
+            RowError(
+                row,
+                "action_mask",
+                f"needs {len(sizes)} component(s) of sizes {list(sizes)}, got {len(mask)}",
+            )
+        ]
+    errors, start = [], 0
+    for component, (values, size) in enumerate(zip(mask, sizes, strict=True)):
+        where = f"action_mask.{component}"
+        if len(values) != size:
+            errors.append(RowError(row, where, f"needs {size} values, got {len(values)}"))
+        elif not any(values):
+            errors.append(RowError(row, where, "masks every action; leave at least one"))
+        else:
+            target[start : start + size] = np.asarray(values, dtype=bool)
+        start += size
+    return errors
+
+
+class DecisionIds:
+    """Time-ordered unique ids in the UUIDv7 layout: 48 bits of Unix milliseconds, a counter
+    that orders ids within a millisecond, and random bits that keep processes apart."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+        self._random = random.Random(int.from_bytes(os.urandom(16), "big"))
+
+    def take(self, count: int) -> list[str]:
+        with self._lock:
+            now = time.time_ns() // 1_000_000
+            if now > self._last_ms:
+                self._last_ms, self._counter = now, self._random.getrandbits(8)
+            ids = []
+            for _ in range(count):
+                self._counter += 1
+                if self._counter >= 1 << 12:  # counter overflow: borrow the next millisecond
+                    self._last_ms += 1
+                    self._counter = 0
+                value = (
+                    (self._last_ms << 80)
+                    | (0x7 << 76)
+                    | (self._counter << 64)
+                    | (0b10 << 62)
+                    | self._random.getrandbits(62)
+                )
+                text = f"{value:032x}"
+                ids.append(f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}")
+            return ids

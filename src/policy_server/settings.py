@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,9 +30,38 @@ class Settings(BaseSettings):
         description="Folder holding schema.yaml and saved_model.zip (or model.onnx, or an "
         "unzipped SavedModel). `BASE_PATH` is accepted as in the original server.",
     )
+    extra_policy_paths: list[Path] = Field(
+        default_factory=list,
+        description="More policy folders or repositories served beside the first PATH.",
+    )
     policy_name: str | None = Field(
         default=None,
-        description="Name the policy is registered under; defaults to the folder's name.",
+        description="Name a single policy folder is registered under; defaults to the "
+        "folder's name.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the admin routes (POST /admin/reload, traffic changes), sent "
+        "like the API key and distinct from it; without one there are no admin routes.",
+    )
+    poll_interval_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds between scans of the policy folders for new, changed or "
+        "removed versions; 0 turns polling off. Default: 10 for a repository, off for a "
+        "single policy folder.",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a replaced version waits for its requests in flight before "
+        "it is unloaded.",
+    )
+    shadow_queue: int = Field(
+        default=1024,
+        ge=1,
+        description="Most shadow scorings waiting at once; more are skipped (and counted), "
+        "never delaying an answer.",
     )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
@@ -137,6 +166,32 @@ class Settings(BaseSettings):
     def resolved_policy_name(self) -> str:
         return self.policy_name or self.policy_path.resolve().name or "policy"
 
+    @property
+    def policy_paths(self) -> list[Path]:
+        return [self.policy_path, *self.extra_policy_paths]
+
+    def secret(self, name: str) -> str | None:
+        """The value of a SecretStr setting, None when unset or empty."""
+        value = getattr(self, name)
+        return value.get_secret_value() or None if value is not None else None
+
 
 def _split(value: str) -> list[str]:
     return [part.strip().lower() for part in value.split(",") if part.strip()]
+
+
+class PolicySettings(BaseModel):
+    """Settings of one policy: the server's by default, overridden per policy under
+    `policies.<name>.settings` in repository.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["auto", "tensorflow", "onnx"] = "auto"
+    max_batch_size: int = Field(default=64, ge=1)
+    max_batch_wait_ms: float = Field(default=0.0, ge=0)
+    max_batch_observations: int = Field(default=10_000, ge=1)
+
+    @classmethod
+    def from_server(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> Self:
+        base = {name: getattr(settings, name) for name in cls.model_fields}
+        return cls.model_validate(base | (overrides or {}))

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PATHMIND_KEY, RunningServer, serving, shared_model
+from tests.conftest import PATHMIND_KEY, RunningServer, serving, shared_model, without_ids
 from tests.reference import load_signature, reference_outputs, softmax
 
 pytestmark = pytest.mark.models
@@ -80,7 +80,16 @@ def test_mouse_every_endpoint(mouse: RunningServer, tmp_path: Path) -> None:
     with mouse.client() as client:
         assert client.get("/").json() == "ok"
         prediction = client.post("/predict", json=body).json()
-        assert set(prediction) == {"actions", "probability", "log_probability", "value"}
+        assert set(prediction) == {
+            "actions",
+            "probability",
+            "log_probability",
+            "value",
+            "decision_id",
+            "policy",
+            "version",
+        }
+        assert prediction["policy"] == "mouse_and_cheese"
         assert len(prediction["actions"]) == 1 and prediction["actions"][0] in range(4)
         distribution = client.post("/distribution", json=body).json()
         raw_distribution = client.post("/distribution", json={"obs": values}).json()
@@ -92,7 +101,7 @@ def test_mouse_every_endpoint(mouse: RunningServer, tmp_path: Path) -> None:
     probabilities = np.array(distribution["probabilities"][0])
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert raw_distribution == distribution
-    assert deterministic == raw_deterministic
+    assert without_ids(deterministic) == without_ids(raw_deterministic)
     assert deterministic["actions"] == [int(expected.argmax())] == distribution["most_likely"]
     assert deterministic["probability"] == pytest.approx(expected.max(), abs=1e-5)
     assert prediction["probability"] == pytest.approx(expected[prediction["actions"][0]], abs=1e-5)
@@ -122,7 +131,7 @@ def test_mouse_seeded_predictions_repeat(mouse: RunningServer) -> None:
             [client.post("/predict", params={"seed": s}, json=body).json() for s in range(20)]
             for _ in range(2)
         ]
-    assert runs[0] == runs[1]
+    assert [without_ids(a) for a in runs[0]] == [without_ids(b) for b in runs[1]]
     assert len({p["actions"][0] for p in runs[0]}) > 1, "different seeds give different samples"
 
 

@@ -1,40 +1,69 @@
-"""Build the FastAPI application around a registry of loaded policies."""
+"""Build the FastAPI application around the registry of policies.
+
+The prediction routes are generated from the policies being served and rebuilt whenever
+that set or a policy's schema changes (a reload), with the OpenAPI document rebuilt too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Security
+from starlette.requests import Request
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from policy_server import __version__
-from policy_server.api.auth import require_api_key
+from policy_server.api.auth import KeyRing, header_scheme
 from policy_server.api.clients import add_client_routes
 from policy_server.api.errors import install_error_handlers
 from policy_server.api.limits import BodySizeLimit
 from policy_server.api.observability import RequestObserver
-from policy_server.api.routes import FastJSONRoute, add_policy_routes
+from policy_server.api.policies import add_policy_routes
+from policy_server.api.routes import Context, build_routes
 from policy_server.clients import ClientBuilder
+from policy_server.lifecycle import PolicyManager
 from policy_server.metrics import Metrics
 from policy_server.service import PolicyService
 from policy_server.settings import Settings
 
 _DESCRIPTION = """\
-Serves the reinforcement-learning policy **{name}** (version `{version}`, {runtime} runtime).
+Serves the reinforcement-learning policies {names}; the top-level routes serve the default
+policy, **{default}**.
 
 `/predict` takes a typed observation and samples the policy's action; `/predict_raw` takes the
 raw input vector; `/predict_deterministic` and `/distribution` give the most likely action and
-the exact action probabilities. Send the API key as header `access-token`.
+the exact action probabilities. Every policy's routes also stand under `/policies/{{name}}/`, and
+under `/policies/{{name}}/versions/{{version}}/` to pin a version. Every body may also be sent as
+`{{"observation": <body>, "episode_id": "...", "step": 3, "action_mask": [[true, false]]}}`.
+Send the API key as header `access-token`.
 """
 
 
-def create_app(
-    service: PolicyService, settings: Settings, api_key: str | None, metrics: Metrics
-) -> FastAPI:
-    """The HTTP API; `api_key` None means no authentication (only with `--no-auth`)."""
-    registry = service.registry
-    default = registry.get()
+class StripTrailingSlash:
+    """`/predict/` is `/predict`, answered directly as the original server did, never by a
+    redirect (whose address would be built from the request's Host header)."""
 
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    service: PolicyService,
+    manager: PolicyManager,
+    settings: Settings,
+    keys: KeyRing,
+    metrics: Metrics,
+    closing: list[Callable[[], None]] | None = None,
+) -> FastAPI:
+    registry = service.registry
     builder = ClientBuilder(
         lambda: app.openapi(), settings.cache_dir, settings.languages, settings.java
     )
@@ -43,34 +72,49 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.metrics_port:
             metrics.serve(settings.host, settings.metrics_port)
+        await manager.start()
         if builder.languages:
             builder.start()
-        yield
-        await service.close()
+        try:
+            yield
+        finally:
+            await manager.close()
+            for close in closing or []:
+                close()
+            metrics.stop_serving()
 
+    names = ", ".join(f"**{e.name}**" for e in registry.entries())
     app = FastAPI(
         lifespan=lifespan,
-        title=f"Policy server: {default.name}",
+        title="Policy server" + (f": {registry.default_name}" if registry.default_name else ""),
         version=__version__,
-        description=_DESCRIPTION.format(
-            name=default.name, version=default.version, runtime=default.runtime.name
-        ),
+        description=_DESCRIPTION.format(names=names, default=registry.default_name),
     )
+    app.router.redirect_slashes = False
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestObserver, metrics=metrics, policy=default.name)
-    dependencies = [Depends(require_api_key(api_key))] if api_key is not None else []
-    app.router.route_class = FastJSONRoute
-    for policy in registry:
-        add_policy_routes(
-            app.router, service, policy, settings.max_batch_observations, dependencies
-        )
-
-    if builder.languages:
-        add_client_routes(app.router, builder, dependencies)
+    app.add_middleware(RequestObserver, metrics=metrics)
+    app.add_middleware(StripTrailingSlash)
 
     @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')
     async def health() -> str:
         return "ok"
 
+    add_policy_routes(app.router, registry, manager, keys)
+    if builder.languages:
+
+        async def any_policy_key(request: Request) -> None:
+            if not any(keys.opens(request, e) for e in registry.entries()):
+                keys.check(request, registry.entry())
+
+        add_client_routes(app.router, builder, [Depends(any_policy_key), Security(header_scheme)])
+    fixed: list[BaseRoute] = list(app.router.routes)
+    context = Context(service, keys)
+
+    def install_routes() -> None:
+        app.router.routes = [*fixed, *build_routes(context)]
+        app.openapi_schema = None
+
+    install_routes()
+    manager.on_change.append(install_routes)
     return app

@@ -18,8 +18,6 @@ from policy_server.errors import FieldError, PolicyServerError
 
 logger = logging.getLogger(__name__)
 
-# Tags of the typed-or-raw body union: they are not fields a client sent.
-_UNION_TAGS = {"typed", "raw"}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -37,14 +35,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in (
-        (403, "Missing or wrong API key"),
-        (413, "Request body too large"),
-        (422, "Invalid observation or request"),
-    )
-}
+def _responses(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": text} for status, text in pairs}
+
+
+ERROR_RESPONSES = _responses(
+    (403, "Missing or wrong API key"),
+    (413, "Request body too large"),
+    (422, "Invalid observation or request"),
+)
+POLICY_RESPONSES = _responses(
+    (404, "No such policy or version"),
+    (503, "No version of the policy can answer now (loading, failed or draining)"),
+)
 
 
 def error_response(
@@ -68,7 +71,8 @@ def field_name(location: Sequence[int | str]) -> str:
     parts = [str(part) for part in location]
     if parts and parts[0] in ("body", "query", "header", "cookie", "path"):
         parts = parts[1:] or parts
-    parts = [part for part in parts if part not in _UNION_TAGS]
+    # Union members are tagged `<typed>`, `<envelope>`...: not fields a client sent.
+    parts = [part for part in parts if not (part.startswith("<") and part.endswith(">"))]
     return ".".join(parts) or "body"
 
 

@@ -18,10 +18,9 @@ access_log = logging.getLogger("policy_server.access")
 
 
 class RequestObserver:
-    def __init__(self, app: ASGIApp, metrics: Metrics, policy: str) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,8 +47,10 @@ class RequestObserver:
         # one label so that scanning for URLs cannot explode the metric's cardinality.
         route = scope.get("route")
         template = getattr(route, "path", "unmatched")
-        self.metrics.requests.labels(template, scope["method"], str(status)).inc()
-        self.metrics.request_duration.labels(template).observe(seconds)
+        # The handler names the policy and version that answered, when one did.
+        policy, version = scope.get("policy_server.answered", ("", ""))
+        self.metrics.requests.labels(template, scope["method"], str(status), policy, version).inc()
+        self.metrics.request_duration.labels(template, policy, version).observe(seconds)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "request",
@@ -60,7 +61,8 @@ class RequestObserver:
                     "path": scope["path"],
                     "status": status,
                     "latency_ms": round(seconds * 1000, 3),
-                    "policy": self.policy,
+                    "policy": policy,
+                    "version": version,
                 },
             )
 

@@ -1,22 +1,31 @@
-"""Routes of one policy. Handlers only translate between HTTP and the policy service.
+"""Prediction routes. Each looks its policy up on every request and validates the body from
+bytes in one call; FastAPI only builds the routes' OpenAPI description from the declared
+endpoint signatures, which never run.
 
-No `from __future__ import annotations` here: FastAPI must see the per-policy request models,
-which are built at run time, as real objects in the handlers' signatures.
+Per policy `P` the routes are `/policies/P/<route>` and `/policies/P/versions/{version}/<route>`;
+the default policy's also stand at the top level (under its `url_path`, if any), as the
+original server's did.
 """
 
-import json
-from collections.abc import Callable, Coroutine, Sequence
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
-import numpy as np
 import orjson
-from fastapi import APIRouter, Body, Query
+from fastapi import Body, Path, Query, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Discriminator, Field, Tag, create_model
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from policy_server.api.errors import ERROR_RESPONSES
+from policy_server.api.auth import KeyRing, header_scheme
+from policy_server.api.bodies import Parsed, body_types, rows_of, same_layout, unwrap, validators
+from policy_server.api.errors import ERROR_RESPONSES, POLICY_RESPONSES
 from policy_server.api.models import (
     FieldInfo,
     PolicyInfo,
@@ -24,186 +33,430 @@ from policy_server.api.models import (
     prediction_batch_model,
     prediction_model,
 )
-from policy_server.observation import FLOAT32_MAX
-from policy_server.registry import LoadedPolicy
-from policy_server.service import PolicyService
+from policy_server.errors import FieldError, InvalidObservation, InvalidRows
+from policy_server.registry import LoadedPolicy, PolicyEntry, PolicyRegistry, PolicyVersion
+from policy_server.service import PolicyService, Prediction
 
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-SeedQuery = Annotated[
-    int | None,
-    Query(ge=0, le=2**63 - 1, description="Seed for a reproducible sample of the action."),
-]
+SEED_MAX = 2**63 - 1
+_DIGITS = re.compile(rb"^[0-9]{1,19}$")
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def json_response(content: Any) -> Response:
-    return Response(orjson.dumps(content), media_type="application/json")
+@dataclass(frozen=True)
+class Operation:
+    path: str
+    operation_id: str
+    kind: str  # which body: typed, raw, either, typed_batch, raw_batch
+    mode: str  # sample, mode or distribution
+    summary: str
+
+    @property
+    def batch(self) -> bool:
+        return self.kind.endswith("_batch")
+
+    @property
+    def seeded(self) -> bool:
+        return self.mode == "sample"
 
 
-class FastJSONRequest(Request):
-    """Parses bodies with orjson; strict JSON that orjson refuses (NaN, Infinity) falls back
-    to the standard parser, so that validation names the offending field as before."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            try:
-                self._json = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                self._json = json.loads(body)
-        return self._json
-
-
-class FastJSONRoute(APIRoute):
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            return await handler(FastJSONRequest(request.scope, request.receive))
-
-        return route
-
-
-def add_policy_routes(
-    router: APIRouter,
-    service: PolicyService,
-    policy: LoadedPolicy,
-    max_batch_observations: int,
-    dependencies: Sequence[Any],
-) -> None:
-    """Add the prediction routes of `policy`, under its `url_path` prefix, to `router`.
-
-    Routes go straight onto the app's router: FastAPI's include_router adds a matching layer
-    that costs a measurable share of a prediction's time (see bench/RESULTS.md).
-    """
-    prefix = policy.schema.parameters.url_path
-
-    def post(path: str, operation_id: str, response_model: Any, summary: str) -> Decorator:
-        return router.post(
-            prefix + path,
-            operation_id=operation_id,
-            tags=["predictions"],
-            response_model=response_model,
-            summary=summary,
-            dependencies=list(dependencies),
-            responses=ERROR_RESPONSES,
-        )
-
-    space = policy.runtime.action_space
-    prediction = prediction_model(space)
-    batch = prediction_batch_model(prediction)
-    distribution = distribution_model(space)
-    Raw = policy.raw_model
-    Typed = policy.observation_model
-    Either = _typed_or_raw(Typed, Raw) if Typed is not None else Raw
-    RawBatch = _raw_batch_model(policy.runtime.observation_width, max_batch_observations)
-
-    if Typed is not None:
-
-        @post(
-            "/predict", "predict", prediction, "Sample the policy's action for a typed observation"
-        )
-        async def predict(observation: Typed, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
-            result = await service.predict(policy, [observation], seed=seed)
-            return json_response(result[0])
-
-        TypedBatch = _typed_batch_model(Typed, max_batch_observations)
-
-        @post(
-            "/predict_batch",
-            "predictBatch",
-            batch,
-            "Sample the policy's actions for a list of typed observations",
-        )
-        async def predict_batch(body: TypedBatch, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
-            observations = body.observations  # type: ignore[attr-defined]
-            result = await service.predict(policy, observations, seed=seed)
-            return json_response({"predictions": result})
-
-    @post(
+OPERATIONS = (
+    Operation(
+        "/predict", "predict", "typed", "sample", "Sample the action for a typed observation"
+    ),
+    Operation(
+        "/predict_batch",
+        "predictBatch",
+        "typed_batch",
+        "sample",
+        "Sample the actions for a list of typed observations",
+    ),
+    Operation(
+        "/predict_raw", "predictRaw", "raw", "sample", "Sample the action for a raw observation"
+    ),
+    Operation(
         "/predict_raw_batch",
         "predictRawBatch",
-        batch,
-        "Sample the policy's actions for a list of raw observation vectors",
-    )
-    async def predict_raw_batch(body: RawBatch, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
-        rows = np.asarray(body.observations, dtype=np.float32)  # type: ignore[attr-defined]
-        result = await service.predict_rows(policy, rows, seed=seed)
-        return json_response({"predictions": result})
-
-    @post(
-        "/predict_raw",
-        "predictRaw",
-        prediction,
-        "Sample the policy's action for a raw observation vector",
-    )
-    async def predict_raw(observation: Raw, seed: SeedQuery = None) -> Response:  # type: ignore[valid-type]
-        result = await service.predict(policy, [observation], seed=seed)
-        return json_response(result[0])
-
-    @post(
+        "raw_batch",
+        "sample",
+        "Sample the actions for a list of raw observation vectors",
+    ),
+    Operation(
         "/predict_deterministic",
         "predictDeterministic",
-        prediction,
+        "either",
+        "mode",
         "The most likely action (argmax per component, the mean if continuous)",
-    )
-    async def predict_deterministic(observation: Either) -> Response:  # type: ignore[valid-type]
-        result = await service.predict(policy, [observation], deterministic=True)
-        return json_response(result[0])
-
-    @post(
+    ),
+    Operation(
         "/distribution",
         "distribution",
-        distribution,
+        "either",
+        "distribution",
         "The exact action distribution, computed from the policy's logits",
-    )
-    async def get_distribution(observation: Either) -> Response:  # type: ignore[valid-type]
-        return json_response(await service.distribution(policy, observation))
-
-    @router.get(
-        prefix + "/schema",
-        operation_id="getSchema",
-        tags=["policy"],
-        response_model=PolicyInfo,
-        summary="The observation fields and the action space of the policy",
-        dependencies=list(dependencies),
-        responses=ERROR_RESPONSES,
-    )
-    async def get_schema() -> PolicyInfo:
-        return policy_info(policy)
+    ),
+)
 
 
-def _typed_batch_model(typed: type[BaseModel], max_count: int) -> type[BaseModel]:
-    return create_model(
-        "ObservationBatch",
-        __doc__="Typed observations, answered in order.",
-        observations=(list[typed], Field(min_length=1, max_length=max_count)),  # type: ignore[valid-type]
-    )
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status, media_type="application/json")
 
 
-def _raw_batch_model(width: int, max_count: int) -> type[BaseModel]:
-    number = Annotated[
-        float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
-    ]
-    vector = Annotated[list[number], Field(min_length=width, max_length=width)]
-    return create_model(
-        "RawObservationBatch",
-        __doc__=f"Raw observation vectors of {width} values each, answered in order.",
-        observations=(list[vector], Field(min_length=1, max_length=max_count)),
-    )
+class PolicyRoute(APIRoute):
+    """A route whose request handling is ours; FastAPI describes it from `endpoint`."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], handler: Handler, **kw: Any):
+        self._handler = handler
+        super().__init__(path, endpoint, **kw)
+
+    def get_route_handler(self) -> Handler:  # type: ignore[override]
+        return self._handler
 
 
-def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
-    """A body that is either the typed Observation or the raw `{"obs": [...]}` form."""
-    typed_names = set(typed.model_fields)
+@dataclass
+class Context:
+    service: PolicyService
+    keys: KeyRing
 
-    def kind(body: Any) -> str:
-        if isinstance(body, dict) and set(body) == {"obs"} and typed_names != {"obs"}:
-            return "raw"
-        return "raw" if isinstance(body, raw) else "typed"
+    @property
+    def registry(self) -> PolicyRegistry:
+        return self.service.registry
 
-    union = Annotated[typed, Tag("typed")] | Annotated[raw, Tag("raw")]  # type: ignore[valid-type]
-    # Its own title, so that SDK generators name it apart from the typed Observation.
-    return Annotated[union, Discriminator(kind), Body(title="ObservationOrRaw")]
+
+@dataclass(frozen=True)
+class RouteSet:
+    """Where a policy's routes stand and how their operations are named."""
+
+    base: str  # path prefix
+    name: str | None  # None: the default policy, looked up per request
+    policy: str  # the policy whose schema describes the routes now
+    prefix: str  # component name prefix ("" for the original names)
+    op_prefix: str  # operation id prefix ("" for the original ids)
+    tag: str
+
+
+def pascal(name: str) -> str:
+    parts = re.split(r"[^A-Za-z0-9]+", name)
+    text = "".join(p[:1].upper() + p[1:] for p in parts if p)
+    return text if text[:1].isalpha() else "P" + text
+
+
+def camel(name: str) -> str:
+    text = pascal(name)
+    return text[:1].lower() + text[1:]
+
+
+def build_routes(context: Context) -> list[PolicyRoute]:
+    """Every policy's routes, described by each policy's primary version."""
+    registry = context.registry
+    routes: list[PolicyRoute] = []
+    models: dict[tuple[str, str], Any] = {}
+    for entry in registry.entries():
+        primary = entry.primary
+        if primary is None:
+            continue
+        policy = primary.loaded
+        url_path = policy.schema.parameters.url_path
+        sets = [
+            RouteSet(
+                f"/policies/{entry.name}",
+                entry.name,
+                entry.name,
+                pascal(entry.name),
+                camel(entry.name),
+                entry.name,
+            )
+        ]
+        if entry.name == registry.default_name:
+            sets.append(RouteSet(url_path, None, entry.name, "", "", "predictions"))
+        elif url_path:
+            sets.append(
+                RouteSet(
+                    url_path,
+                    entry.name,
+                    entry.name,
+                    pascal(entry.name),
+                    camel(entry.name) + "AtUrlPath",
+                    entry.name,
+                )
+            )
+        for route_set in sets:
+            routes += _routes_of(context, entry, policy, route_set, models)
+    return routes
+
+
+def _routes_of(
+    context: Context,
+    entry: PolicyEntry,
+    policy: LoadedPolicy,
+    rs: RouteSet,
+    models: dict[tuple[str, str], Any],
+) -> list[PolicyRoute]:
+    key = (rs.policy, rs.prefix)
+    if key not in models:
+        models[key] = _docs_models(policy, rs.prefix, entry.settings.max_batch_observations)
+    types, responses = models[key]
+    dependencies = [Security(header_scheme)] if context.keys.policy_keys(entry) is not None else []
+    routes = []
+    for pinned in (False, True):
+        base = rs.base + ("/versions/{version}" if pinned else "")
+        suffix = "Version" if pinned else ""
+        for operation in OPERATIONS:
+            body_type = getattr(types, operation.kind)
+            if body_type is None:
+                continue
+            op_id = _op_id(rs.op_prefix, operation.operation_id) + suffix
+            routes.append(
+                PolicyRoute(
+                    base + operation.path,
+                    _docs_endpoint(body_type, operation.seeded, pinned),
+                    PredictionHandler(context, operation, rs.name, pinned),
+                    methods=["POST"],
+                    operation_id=op_id,
+                    summary=operation.summary,
+                    tags=[rs.tag],
+                    response_model=responses[operation.mode if not operation.batch else "batch"],
+                    responses=ERROR_RESPONSES | POLICY_RESPONSES,
+                    dependencies=dependencies,
+                )
+            )
+        routes.append(
+            PolicyRoute(
+                base + "/schema",
+                _docs_endpoint(None, False, pinned),
+                SchemaHandler(context, rs.name, pinned),
+                methods=["GET"],
+                operation_id=_op_id(rs.op_prefix, "getSchema") + suffix,
+                summary="The observation fields and the action space of the policy",
+                tags=[rs.tag] if rs.prefix else ["policy"],
+                response_model=PolicyInfo,
+                responses={403: ERROR_RESPONSES[403]} | POLICY_RESPONSES,
+                dependencies=dependencies,
+            )
+        )
+    return routes
+
+
+def _op_id(prefix: str, operation: str) -> str:
+    return prefix + operation[:1].upper() + operation[1:] if prefix else operation
+
+
+def _docs_models(policy: LoadedPolicy, prefix: str, max_batch: int) -> tuple[Any, dict[str, Any]]:
+    space = policy.runtime.action_space
+    prediction = prediction_model(space, prefix)
+    responses = {
+        "sample": prediction,
+        "mode": prediction,
+        "batch": prediction_batch_model(prediction, prefix),
+        "distribution": distribution_model(space, prefix),
+    }
+    return body_types(policy, prefix, max_batch), responses
+
+
+def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool) -> Callable[..., Any]:
+    """A function whose signature tells FastAPI what the route takes; it is never called."""
+
+    async def endpoint(**_: Any) -> None:  # pragma: no cover - never called
+        raise NotImplementedError
+
+    parameters = []
+    if pinned:
+        parameters.append(
+            inspect.Parameter(
+                "version",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[str, Path(description="The version that must answer.")],
+            )
+        )
+    if body_type is not None:
+        parameters.append(
+            inspect.Parameter(
+                "body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[body_type, Body()]
+            )
+        )
+    if seeded:
+        seed = Query(ge=0, le=SEED_MAX, description="Seed for a reproducible sample.")
+        parameters.append(
+            inspect.Parameter(
+                "seed",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[int | None, seed],
+            )
+        )
+    endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return endpoint
+
+
+class _Handler:
+    def __init__(self, context: Context, name: str | None, pinned: bool) -> None:
+        self.context = context
+        self.name = name
+        self.pinned = pinned
+
+    def _target(self, request: Request) -> tuple[PolicyEntry, PolicyVersion | None]:
+        registry = self.context.registry
+        entry = registry.entry(self.name)
+        self.context.keys.check(request, entry)
+        version = None
+        if self.pinned:
+            version = registry.resolve(entry.name, request.path_params["version"])
+        return entry, version
+
+
+class SchemaHandler(_Handler):
+    async def __call__(self, request: Request) -> Response:
+        entry, version = self._target(request)
+        target = version or entry.route(None)
+        _label(request, target)
+        return json_response(policy_info(target.loaded).model_dump())
+
+
+class PredictionHandler(_Handler):
+    def __init__(self, context: Context, operation: Operation, name: str | None, pinned: bool):
+        super().__init__(context, name, pinned)
+        self.operation = operation
+
+    async def __call__(self, request: Request) -> Response:
+        entry, pinned = self._target(request)
+        operation = self.operation
+        seed = _seed(request) if operation.seeded else None
+        body = await _json_body(request)
+        reference = pinned or entry.primary or entry.route(None)
+        limit = entry.settings.max_batch_observations
+        parsed = _parse(reference.loaded, operation, body, limit)
+        if operation.mode == "distribution":
+            return await self._distribution(request, entry, pinned, parsed, body, limit)
+        groups = self._groups(entry, pinned, parsed)
+        answers: list[Prediction | None] = [None] * len(parsed.observations)
+        for version, indices in groups:
+            if not same_layout(reference.loaded, version.loaded):
+                parsed = _parse(version.loaded, operation, body, limit)
+            await self._answer(version, parsed, indices, answers, seed)
+        _label(request, groups[0][0])
+        if operation.batch:
+            return json_response({"predictions": answers})
+        return json_response(answers[0])
+
+    def _groups(
+        self, entry: PolicyEntry, pinned: PolicyVersion | None, parsed: Parsed
+    ) -> list[tuple[PolicyVersion, list[int]]]:
+        """Which version answers which observation: sticky per episode, else one draw per
+        request from the traffic split."""
+        count = len(parsed.observations)
+        if pinned is not None:
+            return [(pinned, list(range(count)))]
+        episodes = parsed.episodes
+        if episodes is None or all(e.episode_id is None for e in episodes):
+            return [(entry.route(None), list(range(count)))]
+        unpinned = entry.route(None)
+        groups: dict[int, tuple[PolicyVersion, list[int]]] = {}
+        for index, episode in enumerate(episodes):
+            version = entry.route(episode.episode_id) if episode.episode_id else unpinned
+            groups.setdefault(id(version), (version, []))[1].append(index)
+        return list(groups.values())
+
+    async def _answer(
+        self,
+        version: PolicyVersion,
+        parsed: Parsed,
+        indices: list[int],
+        answers: list[Prediction | None],
+        seed: int | None,
+    ) -> None:
+        whole = len(indices) == len(parsed.observations)
+        observations = parsed.observations if whole else [parsed.observations[i] for i in indices]
+        episodes = _pick(parsed.episodes, indices, whole)
+        masks = _pick(parsed.masks, indices, whole)
+        rows = rows_of(version.loaded, observations)
+        try:
+            predictions = await self.context.service.predict(
+                version,
+                rows,
+                episodes=episodes,
+                masks=masks,
+                deterministic=self.operation.mode == "mode",
+                seed=seed,
+            )
+        except InvalidRows as error:
+            raise _named(error, self.operation.batch, indices) from None
+        for index, prediction in zip(indices, predictions, strict=True):
+            answers[index] = prediction
+
+    async def _distribution(
+        self,
+        request: Request,
+        entry: PolicyEntry,
+        pinned: PolicyVersion | None,
+        parsed: Parsed,
+        body: bytes,
+        limit: int,
+    ) -> Response:
+        version = pinned or entry.route(parsed.episode_id)
+        if not same_layout((pinned or entry.primary or version).loaded, version.loaded):
+            parsed = _parse(version.loaded, self.operation, body, limit)
+        rows = rows_of(version.loaded, parsed.observations)
+        try:
+            result = await self.context.service.distribution(version, rows, parsed.masks)
+        except InvalidRows as error:
+            raise _named(error, False, [0]) from None
+        answer = asdict(result)
+        if parsed.episode_id is not None:
+            answer["episode_id"] = parsed.episode_id
+        _label(request, version)
+        return json_response(answer)
+
+
+def _pick(values: list[Any] | None, indices: list[int], whole: bool) -> list[Any] | None:
+    if values is None or whole:
+        return values
+    return [values[i] for i in indices]
+
+
+def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: int) -> Parsed:
+    try:
+        value = validators(policy, limit).validate(operation.kind, body)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [e | {"loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+        ) from None
+    return unwrap(value.observations if operation.batch else [value])
+
+
+async def _json_body(request: Request) -> bytes:
+    content_type = request.headers.get("content-type")
+    if content_type is not None and "json" not in content_type.lower():
+        raise RequestValidationError(
+            [{"type": "content_type", "loc": ("body",), "msg": "not a JSON body"}]
+        )
+    return await request.body()
+
+
+def _seed(request: Request) -> int | None:
+    values = request.query_params.getlist("seed")
+    if not values:
+        return None
+    raw = values[-1].encode()
+    if len(values) > 1 or not _DIGITS.match(raw) or int(raw) > SEED_MAX:
+        message = f"Input should be one whole number from 0 to {SEED_MAX}"
+        raise RequestValidationError(
+            [{"type": "int_parsing", "loc": ("query", "seed"), "msg": message}]
+        )
+    return int(raw)
+
+
+def _named(error: InvalidRows, batch: bool, indices: list[int]) -> InvalidObservation:
+    """The service's row errors, named by the request's own layout."""
+    fields = []
+    for row in error.rows:
+        where = f"observations.{indices[row.row]}" if batch else ""
+        name = ".".join(part for part in (where, row.field) if part) or "body"
+        fields.append(FieldError(name, row.message))
+    return InvalidObservation(error.message, fields)
+
+
+def _label(request: Request, version: PolicyVersion) -> None:
+    """Tell the request observer which policy and version answered."""
+    request.scope["policy_server.answered"] = (version.name, version.version)
 
 
 def policy_info(policy: LoadedPolicy) -> PolicyInfo:

@@ -1,0 +1,211 @@
+"""Request bodies of the prediction routes, built per policy version from its schema.
+
+Every route takes the original flat body (a typed observation, or `{"obs": [...]}`) or the
+envelope `{"observation": <that body>, "episode_id": ..., "step": ..., "action_mask": ...}`.
+The envelope is told apart by `observation` holding a JSON object: no schema field can hold
+one, so a schema with a field named `observation` keeps its flat body.
+
+The same type expressions serve validation (under plain names, cached per version) and the
+OpenAPI document (under names prefixed per policy, so that each policy's components and SDK
+classes are its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, create_model
+
+from policy_server.observation import observation_model, raw_number, raw_observation_model
+from policy_server.registry import LoadedPolicy
+from policy_server.service import Episode
+
+# Union tags in angle brackets, which no field name has: api/errors.py drops them from paths.
+TYPED, RAW, FLAT, ENVELOPE = "<typed>", "<raw>", "<flat>", "<envelope>"
+MaskValue = Annotated[bool, Field(strict=True)] | Literal[0, 1]
+
+
+def _is_envelope(body: Any) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("observation"), dict)
+
+
+def _flat_or_envelope(flat: Any, envelope: Any, title: str | None = None) -> Any:
+    def kind(body: Any) -> str:
+        if isinstance(body, BaseModel):
+            return ENVELOPE if "action_mask" in type(body).model_fields else FLAT
+        return ENVELOPE if _is_envelope(body) else FLAT
+
+    union = Annotated[flat, Tag(FLAT)] | Annotated[envelope, Tag(ENVELOPE)]
+    extra = [] if title is None else [Field(title=title)]
+    return Annotated[union, Discriminator(kind), *extra]
+
+
+def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
+    typed_names = set(typed.model_fields)
+
+    def kind(body: Any) -> str:
+        if isinstance(body, BaseModel):
+            return RAW if isinstance(body, raw) else TYPED
+        if isinstance(body, dict) and set(body) == {"obs"} and typed_names != {"obs"}:
+            return RAW
+        return TYPED
+
+    union = Annotated[typed, Tag(TYPED)] | Annotated[raw, Tag(RAW)]  # type: ignore[valid-type]
+    return Annotated[union, Discriminator(kind)]
+
+
+def _envelope(name: str, observation: Any) -> type[BaseModel]:
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="An observation with what the server should know of its episode.",
+        observation=(observation, Field(description="The observation, as the flat body.")),
+        episode_id=(
+            str | None,
+            Field(
+                default=None,
+                min_length=1,
+                max_length=128,
+                description="The episode this decision belongs to: every decision of an "
+                "episode is answered by the same policy version.",
+            ),
+        ),
+        step=(
+            int | None,
+            Field(
+                default=None,
+                ge=0,
+                strict=True,
+                description="The step within the episode; counted by the server when absent.",
+            ),
+        ),
+        action_mask=(
+            list[list[MaskValue]] | None,
+            Field(
+                default=None,
+                description="Per action component, one boolean (or 0/1) per action: false "
+                "forbids that action (discrete action spaces only).",
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class BodyTypes:
+    """The body type of each kind of prediction route, for one policy version."""
+
+    typed: Any | None  # /predict
+    raw: Any  # /predict_raw
+    either: Any  # /predict_deterministic, /distribution
+    typed_batch: type[BaseModel] | None  # /predict_batch
+    raw_batch: type[BaseModel]  # /predict_raw_batch
+
+
+def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
+    """The body types of `policy`, their components named `<prefix>Observation` etc."""
+    width = policy.runtime.observation_width
+    if prefix:
+        typed_model = observation_model(policy.schema, f"{prefix}Observation")
+        raw_model = raw_observation_model(width, f"{prefix}RawObservation")
+    else:  # the version's own models, which its vectorizer recognises
+        typed_model, raw_model = policy.observation_model, policy.raw_model
+    raw = _flat_or_envelope(raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model))
+    vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
+    raw_item = _flat_or_envelope(vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model))
+    raw_batch = _batch(f"{prefix}RawObservationBatch", raw_item, max_batch, width)
+    if typed_model is None:
+        return BodyTypes(None, raw, raw, None, raw_batch)
+    typed = _flat_or_envelope(typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model))
+    either_flat = _typed_or_raw(typed_model, raw_model)
+    either = _flat_or_envelope(
+        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat)
+    )
+    typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
+    return BodyTypes(typed, raw, either, typed_batch, raw_batch)
+
+
+def _batch(name: str, item: Any, max_batch: int, width: int | None) -> type[BaseModel]:
+    what = "typed observations" if width is None else f"raw vectors of {width} values"
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=f"A list of {what} (or envelopes of them), answered in order.",
+        observations=(list[item], Field(min_length=1, max_length=max_batch)),
+    )
+
+
+@dataclass(frozen=True)
+class Validators:
+    """The body types of one version as validators of raw request bytes."""
+
+    types: BodyTypes
+    adapters: dict[str, TypeAdapter[Any]]
+
+    def validate(self, kind: str, body: bytes) -> Any:
+        return self.adapters[kind].validate_json(body)
+
+
+def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
+    """Cached on the version: built once, used on every request."""
+    key = f"api.validators.{max_batch}"
+    found: Validators | None = policy.derived.get(key)
+    if found is None:
+        types = body_types(policy, "", max_batch)
+        adapters: dict[str, TypeAdapter[Any]] = {
+            kind: TypeAdapter(getattr(types, kind))
+            for kind in ("typed", "raw", "either", "typed_batch", "raw_batch")
+            if getattr(types, kind) is not None
+        }
+        found = policy.derived[key] = Validators(types, adapters)
+    return found
+
+
+@dataclass
+class Parsed:
+    """A validated body, unwrapped: the observations and what the envelopes said."""
+
+    observations: list[Any]
+    episodes: list[Episode] | None
+    masks: list[list[list[Any]] | None] | None
+
+    @property
+    def episode_id(self) -> str | None:
+        return self.episodes[0].episode_id if self.episodes else None
+
+
+def unwrap(items: Sequence[Any]) -> Parsed:
+    observations, episodes, masks = [], [], []
+    enveloped = False
+    for item in items:
+        if isinstance(item, BaseModel) and "action_mask" in type(item).model_fields:
+            enveloped = True
+            observations.append(item.observation)  # type: ignore[attr-defined]
+            episodes.append(Episode(item.episode_id, item.step))  # type: ignore[attr-defined]
+            masks.append(item.action_mask)  # type: ignore[attr-defined]
+        else:
+            observations.append(item)
+            episodes.append(Episode())
+            masks.append(None)
+    if not enveloped:
+        return Parsed(observations, None, None)
+    return Parsed(observations, episodes, masks)
+
+
+def rows_of(policy: LoadedPolicy, observations: Sequence[Any]) -> npt.NDArray[np.float32]:
+    """Model input rows: typed observations, `{"obs": [...]}` bodies or plain vectors."""
+    if observations and isinstance(observations[0], list):
+        vectors = [o if isinstance(o, list) else o.obs for o in observations]
+        return np.asarray(vectors, dtype=np.float32)
+    rows = policy.vectorizer.rows(observations, policy.raw_model)
+    return np.asarray(rows, dtype=np.float32)
+
+
+def same_layout(a: LoadedPolicy, b: LoadedPolicy) -> bool:
+    """Whether a body validated for `a` is valid, and means the same, for `b`."""
+    return a.schema.observations == b.schema.observations and (
+        a.runtime.observation_width == b.runtime.observation_width
+    )
