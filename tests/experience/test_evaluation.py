@@ -29,7 +29,7 @@ CANDIDATE = (np.array([[2.0, -1.0, 0.0], [-1.0, 2.0, 0.0], [0.0, 0.0, 1.5]]), np
 SCHEMA = """\
 parameters:
   api_key: x
-  action_space: {type: Discrete, n: 3}
+  action_space: {{type: Discrete, n: {n}}}
   logits_output: logits
   value_output: value
 """
@@ -43,7 +43,7 @@ def true_value(weights: np.ndarray, bias: np.ndarray) -> float:
 def policy_folder(folder: Path, weights: np.ndarray, bias: np.ndarray) -> PolicyCandidate:
     folder.mkdir()
     linear_onnx_policy(folder / "model.onnx", weights, bias)
-    (folder / "schema.yaml").write_text(SCHEMA)
+    (folder / "schema.yaml").write_text(SCHEMA.format(n=len(bias)))
     return PolicyCandidate(load_policy(Settings(policy_path=folder, cache_dir=folder / "cache")))
 
 
@@ -158,3 +158,14 @@ def test_a_candidate_the_log_rarely_supports_gets_a_warning_and_no_dr(tmp_path: 
     assert report["ess"] < 50
     assert any("effective sample size" in w for w in report["warnings"])
     assert any("no value output" in w for w in report["warnings"])
+
+
+def test_a_candidate_of_another_shape_is_refused_with_a_reason(
+    bandit_log: Path, tmp_path: Path
+) -> None:
+    wider = policy_folder(tmp_path / "wider", np.zeros((4, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="observations have 3 values but the candidate"):
+        evaluate(bandit_log, wider, bootstrap=10)
+    fewer = policy_folder(tmp_path / "fewer", np.zeros((3, 2)), np.zeros(2))
+    with pytest.raises(ValueError, match="actions do not fit"):
+        evaluate(bandit_log, fewer, bootstrap=10)

@@ -38,6 +38,7 @@ class PolicyCandidate:
     def log_prob(
         self, obs: FloatArray, actions: npt.NDArray[Any], masks: npt.NDArray[Any] | None
     ) -> FloatArray:
+        self._check(obs, actions)
         logits: npt.NDArray[np.floating[Any]] = self.policy.runtime.forward(
             obs.astype(np.float32)
         ).logits.astype(np.float64)
@@ -47,6 +48,29 @@ class PolicyCandidate:
                 logits = distribution.masked(logits, masks.astype(bool))
             return np.asarray(distribution.log_prob(logits, actions.astype(np.int64)))
         return np.asarray(distribution.log_prob(logits, actions.astype(np.float64)))
+
+    def _check(self, obs: FloatArray, actions: npt.NDArray[Any]) -> None:
+        """Refuse a log of another shape with a message, not an index error deep in numpy."""
+        runtime, name = self.policy.runtime, self.policy.name
+        if obs.shape[1] != runtime.observation_width:
+            raise ValueError(
+                f"the log's observations have {obs.shape[1]} values but the candidate "
+                f"{name!r} takes {runtime.observation_width}"
+            )
+        distribution = self.policy.distribution
+        if isinstance(distribution, Categorical):
+            sizes: tuple[int, ...] | None = distribution.sizes
+            components = len(distribution.sizes)
+        else:
+            sizes, components = None, distribution.dim
+        fits = actions.shape[1] == components and (
+            sizes is None or bool((actions < np.array(sizes)).all())
+        )
+        if not fits:
+            raise ValueError(
+                f"the logged actions do not fit the candidate {name!r}'s action space "
+                f"{runtime.action_space.describe()}"
+            )
 
     def value(self, obs: FloatArray) -> FloatArray | None:
         value = self.policy.runtime.forward(obs.astype(np.float32)).value
