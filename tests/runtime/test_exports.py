@@ -92,10 +92,11 @@ def test_masked_export_serves_tensorflows_own_logits(masked: Served, tmp_path: P
     assert (truth[~mask] < -3e38).all(), "RLlib's masked logits are about float32's minimum"
 
 
-def test_masked_export_gives_masked_actions_no_probability(masked: Served) -> None:
+@pytest.mark.parametrize("runtime", ["tensorflow", "onnx"])
+def test_masked_export_gives_masked_actions_no_probability(masked: Served, runtime: str) -> None:
     rows = masked_rows()
     mask = rows[:, 3:].astype(bool)
-    logits = masked.onnx.forward(rows).logits
+    logits = getattr(masked, runtime).forward(rows).logits
     distribution = distribution_for(masked.onnx.action_space)
     probabilities = distribution.distribution(logits).probabilities
     assert probabilities is not None

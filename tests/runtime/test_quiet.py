@@ -1,11 +1,13 @@
 """A first load prints nothing from TensorFlow, absl or tf2onnx; our own messages remain."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from policy_server.runtime.quiet import native_notices_dropped
 from tests.conftest import ROOT, shared_model
 
 FIRST_LOAD = """
@@ -40,3 +42,24 @@ def test_first_load_of_a_real_policy_is_quiet(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert lines == ["INFO:policy_server.loader:loaded MultiDiscrete(nvec=(6, 6, 6))"], lines
     assert (tmp_path / "policy.onnx").is_file()
+
+
+NOTICES = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    "I0000 00:00:1795632287.887153    7075 port.cc:153] oneDNN custom operations are on.\n"
+    "ours: a line another thread logs meanwhile\n"
+    "E0000 00:00:1795632288.000001    7075 cuda_dnn.cc:8310] Unable to register cuDNN factory\n"
+)
+
+
+def test_native_notices_are_dropped_and_other_lines_kept(capfd: pytest.CaptureFixture[str]) -> None:
+    with native_notices_dropped():
+        os.write(2, NOTICES.encode())
+    assert capfd.readouterr().err == "ours: a line another thread logs meanwhile\n"
+
+
+def test_everything_is_replayed_when_the_import_fails(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ImportError), native_notices_dropped():
+        os.write(2, NOTICES.encode())
+        raise ImportError("libtensorflow_framework.so.2: cannot open shared object file")
+    assert capfd.readouterr().err == NOTICES

@@ -44,12 +44,18 @@ def convert(
     )
     entry = model.metadata_props.add()
     entry.key, entry.value = LAYOUT_KEY, onnx_layout.to_json()
-    staging = _write_staging(model.SerializeToString(), target)
     try:
-        verify(runtime, OnnxRuntime(open_session(staging), onnx_layout, staging), schema)
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
+        staging = _write_staging(model.SerializeToString(), target)
+        try:
+            verify(runtime, OnnxRuntime(open_session(staging), onnx_layout, staging), schema)
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
+    except OSError as error:
+        raise PolicyLoadError(
+            f"{runtime.source}: cannot write the ONNX model to {target} ({error}); "
+            "check that --cache-dir is writable"
+        ) from None
     return OnnxRuntime(open_session(target), onnx_layout, target)
 
 

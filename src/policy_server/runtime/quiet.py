@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -17,6 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _FRAMEWORK_LOGGERS = ("tensorflow", "absl", "tf2onnx", "onnx", "h5py")
+# absl's format (I0000 00:00:1700000000.000000  123 port.cc:153] ...) and its preamble.
+_NATIVE_NOTICE = re.compile(
+    r"[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\]"
+    r"|WARNING: All log messages before absl::InitializeLog"
+    r"|To enable the following instructions:"
+)
 _FRAMEWORK_MODULES = r"(tensorflow|tf_keras|keras|tf2onnx|onnx|absl|google\.protobuf)(\.|$)"
 
 
@@ -38,23 +45,28 @@ def quiet_frameworks() -> Iterator[None]:
 
 
 @contextmanager
-def native_stderr_captured() -> Iterator[None]:
-    """Send file descriptor 2 to a temporary file; replay it if the block raises.
+def native_notices_dropped() -> Iterator[None]:
+    """Send file descriptor 2 to a temporary file, then pass on what is not a native notice.
 
-    For the import of TensorFlow only, whose C++ start-up notices bypass every log setting.
-    Nothing of ours runs meanwhile, so no message of ours can be lost.
+    For the import of TensorFlow, whose C++ start-up notices bypass every log setting. Any
+    other line written meanwhile (another thread's log) is written out afterwards; if the
+    block raises, everything is.
     """
     sys.stderr.flush()
     saved = os.dup(2)
+    failed = False
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield
         except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
+            failed = True
             raise
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if failed or not _NATIVE_NOTICE.match(line)]
+            sys.stderr.write("".join(kept))

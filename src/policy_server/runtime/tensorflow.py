@@ -24,7 +24,7 @@ from policy_server.archive import find_saved_model
 from policy_server.errors import PolicyLoadError
 from policy_server.runtime.base import ModelOutputs, SignatureLayout, TensorInfo, read_layout
 from policy_server.runtime.quiet import (
-    native_stderr_captured,
+    native_notices_dropped,
     quiet_framework_loggers,
     quiet_frameworks,
 )
@@ -40,7 +40,7 @@ def import_tensorflow() -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" not in sys.modules:
         try:
-            with native_stderr_captured():
+            with native_notices_dropped():
                 importlib.import_module("tensorflow")
         except ImportError:
             raise PolicyLoadError(
@@ -100,8 +100,16 @@ class TensorFlowRuntime:
             self.layout: SignatureLayout = read_layout(
                 signature.inputs, signature.outputs, signature.split_sizes, parameters, self.source
             )
-            self.frozen = _forward_graph(tf, signature, self.layout, self.source)
-            self._session = _session(tf, self.frozen)
+            try:
+                self.frozen = _forward_graph(tf, signature, self.layout, self.source)
+                self._session = _session(tf, self.frozen)
+            except PolicyLoadError:
+                raise
+            except Exception as error:  # TensorFlow's graph tools raise many kinds
+                raise PolicyLoadError(
+                    f"{self.source}: cannot isolate the logits and value subgraph "
+                    f"({_first_line(error)}); serve it from a re-exported SavedModel"
+                ) from None
         self.observation_width = self.layout.observation_width
         self.action_space = self.layout.action_space
         self._feeds_by_batch: dict[int, dict[str, npt.NDArray[Any]]] = {}
