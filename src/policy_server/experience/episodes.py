@@ -52,10 +52,6 @@ class Episode:
         return len(self.decisions)
 
     @property
-    def obs(self) -> FloatArray:
-        return np.array([d["obs"] for d in self.decisions], dtype=np.float64)
-
-    @property
     def terminateds(self) -> list[bool]:
         return [False] * (len(self) - 1) + [self.terminated]
 
