@@ -17,11 +17,11 @@ from streamlit.testing.v1 import AppTest
 
 from policy_server.ui import (
     TRAFFIC_SPLIT,
+    UPLOAD,
     Backend,
     Target,
     policy_folder_name,
     readable_number,
-    start_upload,
 )
 from tests.conftest import (
     EXAMPLE,
@@ -157,17 +157,26 @@ def cartpole_archive() -> bytes:
 
 
 def test_an_upload_is_served_under_its_name_and_leaves_nothing_behind() -> None:
-    backend = start_upload(
-        "balance it!", cartpole_archive(), (EXAMPLE / "schema.yaml").read_bytes()
-    )
+    app = AppTest.from_file(str(ROOT / "frontend.py"), default_timeout=240)
+    app.session_state["url"] = f"http://127.0.0.1:{free_port()}"
+    app.run()
+    app.selectbox(key="start_choice").select(UPLOAD).run()
+    app.text_input(key="upload_name").input("balance it!")
+    archive = ("saved_model.zip", cartpole_archive(), "application/zip")
+    app.file_uploader(key="upload_zip").set_value(archive)
+    schema = ("schema.yaml", (EXAMPLE / "schema.yaml").read_bytes(), "application/yaml")
+    app.file_uploader(key="upload_yaml").set_value(schema)
+    start_button(app.run())
+    assert not app.exception and not app.error, app.error
+    backend: Backend = app.session_state["backend"]
     try:
-        headers = {"access-token": EXAMPLE_KEY}
-        schema = httpx.get(backend.url + "/schema", headers=headers).raise_for_status().json()
-        assert schema["name"] == "balance-it"
-        assert backend.workdir.is_dir()
+        assert "Started a server for balance-it" in app.sidebar.success[0].value
+        assert app.session_state["api_key"] == EXAMPLE_KEY, "the key of the uploaded schema"
+        assert app.caption[0].value.startswith("Policy **balance-it**")
+        assert backend.folder.parent == backend.workdir and backend.workdir.is_dir()
     finally:
         backend.stop()
-    assert not backend.workdir.exists()
+    assert not backend.workdir.exists(), "the upload leaves nothing in the temporary folder"
 
 
 def test_policy_folder_names() -> None:
