@@ -7,7 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.experience.records import Decision, new_decision_id
+from policy_server.experience.records import Decision
+from policy_server.service import DecisionIds
+
+new_ids = DecisionIds()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -41,7 +44,7 @@ def decision(
     return {
         "type": "decision",
         "time": time.time(),
-        "decision_id": new_decision_id(),
+        "decision_id": new_ids.take(1)[0],
         "policy": policy,
         "version": version,
         "episode_id": episode_id,

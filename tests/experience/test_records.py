@@ -7,8 +7,8 @@ import orjson
 import pytest
 
 from policy_server.distribution import Categorical, DiagGaussian
-from policy_server.experience.records import decision_records, new_decision_id
-from tests.experience.records import simple
+from policy_server.experience.records import decision_records
+from tests.experience.records import new_ids, simple
 
 
 def test_multidiscrete_records_match_the_contract_and_their_distribution() -> None:
@@ -24,7 +24,7 @@ def test_multidiscrete_records_match_the_contract_and_their_distribution() -> No
         policy="p",
         version="v",
         worker="0",
-        decision_ids=[new_decision_id() for _ in range(4)],
+        decision_ids=new_ids.take(4),
         episodes=[("e", 0), ("e", 1), (None, None), (None, None)],
         rows=rng.normal(size=(4, 3)).astype(np.float32),
         logits=masked,
@@ -53,7 +53,7 @@ def test_gaussian_records_carry_mean_and_std() -> None:
         policy="p",
         version="v",
         worker="0",
-        decision_ids=[new_decision_id()],
+        decision_ids=new_ids.take(1),
         episodes=[(None, None)],
         rows=np.zeros((1, 3), np.float32),
         logits=logits,
@@ -66,9 +66,3 @@ def test_gaussian_records_carry_mean_and_std() -> None:
     assert record["distribution"] == {"mean": [0.5, -0.5], "std": [1.0, 2.0]}
     assert record["actions"] == [0.5, -0.5] and record["action_mask"] is None
     assert record["value"] is None and not record["sampled"]
-
-
-def test_decision_ids_are_time_ordered_uuid7() -> None:
-    ids = [new_decision_id() for _ in range(5000)]
-    assert ids == sorted(ids) and len(set(ids)) == 5000
-    assert all(i[14] == "7" for i in ids)

@@ -1,7 +1,7 @@
 """Close the loop (issue #16): log decisions, join rewards, export experience, evaluate offline.
 
 - `log`: `DecisionLog`, the writer the server appends decisions, rewards and episode ends to.
-- `records`: the records' shapes, `decision_records()` for a batch, `new_decision_id()`.
+- `records`: the records' shapes, `decision_records()` for a batch.
 - `export`: `export_experience()` to RLlib rows, Parquet, Minari or DSJSON.
 - `evaluation`: `evaluate()`, off-policy estimates of a `candidate.Candidate`.
 - `cli`: the `export-experience` and `evaluate` commands.
@@ -11,6 +11,6 @@ Only the log and the records are imported here; the exports import their heavy d
 """
 
 from policy_server.experience.log import DecisionLog, DecisionLogClosed
-from policy_server.experience.records import decision_records, new_decision_id
+from policy_server.experience.records import decision_records
 
-__all__ = ["DecisionLog", "DecisionLogClosed", "decision_records", "new_decision_id"]
+__all__ = ["DecisionLog", "DecisionLogClosed", "decision_records"]

@@ -7,10 +7,7 @@ orjson writes a dict fastest; the TypedDicts document the shape and let mypy che
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
@@ -78,38 +75,6 @@ class EpisodeEnd(TypedDict):
     episode_id: str
     terminated: bool
     truncated: bool
-
-
-class _DecisionIds:
-    """UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then a counter, then random bits.
-
-    The counter keeps ids from one process strictly increasing within a millisecond, so
-    sorting by id sorts by time, which keeps the SQLite index's B-tree appends cheap.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_ms = 0
-        self._counter = 0
-
-    def new(self) -> str:
-        with self._lock:
-            now_ms = time.time_ns() // 1_000_000
-            if now_ms > self._last_ms:
-                self._last_ms, self._counter = now_ms, int.from_bytes(os.urandom(2)) & 0x3FF
-            else:
-                self._counter += 1
-                if self._counter > 0xFFF:
-                    self._last_ms, self._counter = self._last_ms + 1, 0
-            ms, counter = self._last_ms, self._counter
-        value = (ms & ((1 << 48) - 1)) << 80
-        value |= 0x7 << 76 | counter << 64
-        value |= 0b10 << 62 | int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
-        return str(uuid.UUID(int=value))
-
-
-new_decision_id = _DecisionIds().new
-"""A new time-ordered decision id (a UUIDv7 string)."""
 
 
 def decision_records(
