@@ -163,3 +163,31 @@ def unnamed_signature_policy(folder: Path) -> None:
     tf.saved_model.save(module, str(model), signatures={"predict": module.serve})
     zip_folder(model, folder / "saved_model.zip")
     (folder / "schema.yaml").write_text("parameters: {api_key: k}\n")
+
+
+def prev_action_policy(folder: Path) -> Linear:
+    """A TF2 export whose logits also read `prev_action`, a batch-sized input besides the
+    observations: TensorFlow serves it (fed RLlib's zeros), ONNX cannot take it alone."""
+    import tensorflow as tf
+
+    linear = _linear(4, 2, seed=5)
+    w, b = tf.constant(linear.weights), tf.constant(linear.bias)
+
+    class Policy(tf.Module):
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, 4], tf.float32, name="observations"),
+                tf.TensorSpec([None], tf.int64, name="prev_action"),
+            ]
+        )
+        def serve(self, observations, prev_action):
+            previous = tf.one_hot(prev_action, 2)
+            logits = tf.matmul(observations, w) + b + 0.5 * previous
+            return {"actions_0": tf.argmax(logits, axis=1), "action_dist_inputs": logits}
+
+    module = Policy()
+    model = folder / "export"
+    tf.saved_model.save(module, str(model), signatures={"serving_default": module.serve})
+    zip_folder(model, folder / "saved_model.zip")
+    (folder / "schema.yaml").write_text(TF1_SCHEMA)
+    return linear

@@ -24,6 +24,7 @@ from policy_server.spaces import Discrete
 from tests.exports import (
     Linear,
     masked_policy,
+    prev_action_policy,
     tf1_timestep_policy,
     unnamed_signature_policy,
 )
@@ -238,3 +239,21 @@ def test_failed_verification_is_a_load_error_naming_the_policy(
     with pytest.raises(PolicyLoadError) as error:
         verify(tf1.tensorflow, Failing(shift), tf1.schema)
     assert str(error.value).startswith(f"{tf1.folder}: {message}")
+
+
+def test_logits_reading_a_batch_input_are_served_by_tensorflow_only(tmp_path: Path) -> None:
+    linear = prev_action_policy(tmp_path)
+    schema = load_schema(tmp_path / "schema.yaml")
+    model = extract_cached(tmp_path / "saved_model.zip", tmp_path / "cache", 10**8)
+    tensorflow = TensorFlowRuntime(model, schema.parameters, source="prev-action")
+    rows = np.random.default_rng(6).normal(size=(3, 4)).astype(np.float32)
+    truth = reference_outputs(load_signature(tmp_path / "saved_model.zip", tmp_path / "ref"), rows)
+    np.testing.assert_allclose(tensorflow.forward(rows).logits, truth["action_dist_inputs"])
+    previous_is_action_0 = np.array([0.5, 0.0], dtype=np.float32)
+    np.testing.assert_allclose(
+        tensorflow.forward(rows).logits, linear.logits(rows) + previous_is_action_0, rtol=1e-5
+    )
+    assert tensorflow.forward(rows).value is None
+    with pytest.raises(PolicyLoadError, match=r"^prev-action: its logits read \['prev_action:0'\]"):
+        convert(tensorflow, tmp_path / "policy.onnx", schema)
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".onnx-*"))
