@@ -275,7 +275,7 @@ def choose_target(client: PolicyClient) -> Target:
 
 
 def _version_line(version: dict[str, Any]) -> str:
-    line = f"`{version['version']}` {version['state']}, {version.get('traffic', 0):g}% traffic"
+    line = f"`{version['version']}` {version['state']}, {version.get('traffic') or 0:g}% traffic"
     if version.get("shadow"):
         line += ", shadow"
     if version.get("reason"):
