@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,7 @@ class DecisionLogClosed(RuntimeError):
 class _Batch:
     records: list[Mapping[str, Any]]
     decision_ids: list[str]
+    episode_ids: Counter[str]
     # Set once the batch is written and fsync'ed; None when the caller does not wait for it.
     done: concurrent.futures.Future[None] | None = field(default=None)
 
@@ -105,7 +106,9 @@ class DecisionLog:
         self._cond = threading.Condition()
         self._pending: deque[_Batch] = deque()
         self._queued = 0
+        # Ids of decisions queued or being written, until their index transaction commits.
         self._queued_ids: set[str] = set()
+        self._queued_episodes: Counter[str] = Counter()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._closing = False
         self._failure: BaseException | None = None
@@ -204,11 +207,12 @@ class DecisionLog:
         return self._queued
 
     def _batch(self, records: Sequence[Mapping[str, Any]]) -> _Batch:
-        ids = [str(r["decision_id"]) for r in records if r.get("type") == "decision"]
+        decisions = [r for r in records if r.get("type") == "decision"]
+        episodes = Counter(str(r["episode_id"]) for r in decisions if r.get("episode_id"))
         done: concurrent.futures.Future[None] | None = (
             concurrent.futures.Future() if self.sync else None
         )
-        return _Batch(list(records), ids, done)
+        return _Batch(list(records), [str(r["decision_id"]) for r in decisions], episodes, done)
 
     def _offer(self, batch: _Batch) -> bool:
         """Queue the batch if there is room (an oversized batch goes alone into an empty
@@ -221,6 +225,7 @@ class DecisionLog:
         self._pending.append(batch)
         self._queued += size
         self._queued_ids.update(batch.decision_ids)
+        self._queued_episodes += batch.episode_ids
         self.metrics.queue_depth.set(self._queued)
         self._cond.notify_all()
         return True
@@ -237,7 +242,7 @@ class DecisionLog:
 
     def _episode_queued(self, episode_id: str) -> bool:
         with self._cond:
-            return any(r.get("episode_id") == episode_id for b in self._pending for r in b.records)
+            return episode_id in self._queued_episodes
 
     def _closed_reason(self) -> str:
         if self._failure is not None:
@@ -299,6 +304,7 @@ class DecisionLog:
             for batch in batches:
                 self._queued -= len(batch.records)
                 self._queued_ids.difference_update(batch.decision_ids)
+                self._queued_episodes -= batch.episode_ids
             self.metrics.queue_depth.set(self._queued)
             self._wake_waiters()
         for batch in batches:
