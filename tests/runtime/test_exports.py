@@ -126,6 +126,22 @@ def test_verification_observations_respect_the_schema(masked: Served) -> None:
     assert (mask.sum(axis=1) == 1).any() and (mask.sum(axis=1) == 3).any()
 
 
+def test_verification_observations_stay_within_bounds_beyond_int64() -> None:
+    from policy_server.schema import parse_schema
+
+    schema = parse_schema(
+        {
+            "observations": {
+                "big": {"type": "int", "minimum": -1e30, "maximum": 1e30},
+                "tight": {"type": "int", "minimum": 2.5, "maximum": 3.5},
+            },
+            "parameters": {},
+        }
+    )
+    rows = verification_observations(2, Discrete(2), schema, rows=100)
+    assert (np.abs(rows[:, 0]) <= 1e30).all() and (rows[:, 1] == 3).all()
+
+
 def test_masks_of_a_multi_discrete_policy_leave_an_action_per_component() -> None:
     from policy_server.schema import parse_schema
     from policy_server.spaces import MultiDiscrete

@@ -99,8 +99,9 @@ def _field_values(
         return values
     low, high = _bounds(field)
     if kind is FieldType.INT:
-        low, high = float(np.ceil(low)), float(np.floor(high))
-        return rng.integers(int(low), int(max(low, high)) + 1, (rows, count)).astype(np.float64)
+        # Drawn as floats: declared bounds may lie beyond what int64 holds.
+        low, high = float(np.ceil(low)), float(max(np.ceil(low), np.floor(high)))
+        return np.minimum(np.floor(rng.uniform(low, high + 1, (rows, count))), high)
     values = rng.uniform(low, high, (rows, count))
     if field.minimum is None and field.maximum is None:
         values[: rows // 2] = rng.normal(size=(rows // 2, count))
