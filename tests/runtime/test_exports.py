@@ -245,7 +245,7 @@ class Failing:
 @pytest.mark.parametrize(
     ("shift", "message"),
     [
-        (None, "the ONNX model fails on verification observations drawn from schema.yaml"),
+        (None, "the ONNX model fails on the verification observations ([ONNXRuntimeError]"),
         (1.0, "the ONNX model's logits differ from TensorFlow's by up to"),
     ],
 )

@@ -92,7 +92,6 @@ class TensorFlowRuntime:
 
     def __init__(self, model_dir: Path, parameters: Parameters, source: str | None = None) -> None:
         tf = import_tensorflow()
-        self._tf = tf
         root = find_saved_model(model_dir, source)
         self.source = source or str(root)
         with quiet_frameworks():

@@ -63,9 +63,7 @@ def _run(runtime: PolicyRuntime, observations: npt.NDArray[np.float32], who: str
         return runtime.forward(observations)
     except Exception as error:  # TensorFlow and ONNX Runtime raise their own kinds
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise PolicyLoadError(
-            f"{who} fails on verification observations drawn from schema.yaml ({first})"
-        ) from None
+        raise PolicyLoadError(f"{who} fails on the verification observations ({first})") from None
 
 
 def verification_observations(
