@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= tensorflow,onnx,clients,ui,ray,examples,dev
+# `make serve` installs what serving the bundled example needs; `make test` everything.
+SERVE_EXTRAS ?= tensorflow,onnx
+EXTRAS ?= tensorflow,onnx,clients,ui,ray,examples,experience,bench,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 EXAMPLE ?= examples/cartpole
@@ -15,15 +17,22 @@ WORKERS ?= 2
 # What the suite needs from Debian's packages, as command:package; installed where missing.
 TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium
 
-$(BIN)/.stamp-install: pyproject.toml
+$(BIN)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
+
+$(BIN)/.stamp-serve: pyproject.toml $(BIN)/.stamp-venv
+	$(BIN)/pip install --quiet -e ".[$(SERVE_EXTRAS)]"
+	touch $@
+
+$(BIN)/.stamp-install: pyproject.toml $(BIN)/.stamp-venv
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@ $(BIN)/.stamp-serve
 
 install: $(BIN)/.stamp-install
 
-serve: install
+serve: $(BIN)/.stamp-serve
 	$(BIN)/policy-server serve $(EXAMPLE) --host $(HOST) --port $(PORT)
 
 lint: install

@@ -16,7 +16,11 @@ from policy_server.clients import GENERATORS
 from policy_server.errors import ClientsUnavailable, PolicyLoadError
 from policy_server.settings import Settings
 
-_POSITIONAL = {"policy_path"}
+_POSITIONAL = {"policy_path", "extra_policy_paths"}
+_PATHS_HELP = (
+    "a policy folder (schema.yaml beside saved_model.zip or model.onnx), a folder of "
+    "policy folders, or a versioned repository PATH/<name>/<version>/; several may be given"
+)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -24,25 +28,31 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if name in _POSITIONAL:
             continue
         flag = "--" + name.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default in (None, "", False) or name.endswith("key") else default
+        text = f"{info.description} (default: {shown})" if shown != "" else info.description
         if info.annotation is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=info.description)
+            parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(flag, default=None, help=info.description, metavar=name.upper())
+            parser.add_argument(flag, default=None, help=text, metavar=name.upper())
 
 
 def _command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
-    path_help = Settings.model_fields["policy_path"].description
-    parser.add_argument("policy_path", metavar="PATH", help=path_help)
+    parser.add_argument("policy_path", metavar="PATH", nargs="+", help=_PATHS_HELP)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from policy_server import __version__
+    from policy_server.experience.cli import add_commands
+
     parser = argparse.ArgumentParser(
         prog="policy-server", description="Serve reinforcement-learning policies over HTTP."
     )
+    parser.add_argument("--version", action="version", version=f"policy-server {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_settings_flags(_command(commands, "serve", "serve the policy in PATH"))
+    _add_settings_flags(_command(commands, "serve", "serve the policies in PATH"))
     clients = _command(commands, "clients", "generate the client SDKs of the policy in PATH")
     clients.add_argument("--out", type=Path, required=True, help="folder for the SDKs")
     clients.add_argument(
@@ -59,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("serve-config.yaml"), help="the file to write"
     )
     _add_settings_flags(ray_config)
+    add_commands(commands)
     ui = commands.add_parser("ui", help="the Streamlit page to try a policy server")
     ui.add_argument("--ui-port", type=int, default=8501, help="port of the page")
     return parser
@@ -71,6 +82,9 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
         for name, value in vars(arguments).items()
         if name in Settings.model_fields and value is not None
     }
+    paths = given.pop("policy_path", None)
+    if paths:
+        given["policy_path"], given["extra_policy_paths"] = paths[0], paths[1:]
     return Settings(**given)
 
 
@@ -121,14 +135,27 @@ def run_ui(port: int) -> int:
         str(ui.__file__),
         "--server.port",
         str(port),
+        # As .streamlit/config.toml says, for a page started from any folder.
+        "--server.address",
+        "127.0.0.1",
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
+        "--browser.gatherUsageStats",
+        "false",
     ]
     return subprocess.call(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from policy_server.experience.cli import COMMANDS, run
+
     arguments = build_parser().parse_args(argv)
     if arguments.command == "ui":
         return run_ui(arguments.ui_port)
+    if arguments.command in COMMANDS:
+        return run(arguments)
     try:
         settings = settings_from(arguments)
         if arguments.command == "serve":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.distribution import Categorical
+from policy_server.experience.log import DecisionLog
+from policy_server.experience.records import decision_records
 from policy_server.metrics import Metrics
 from policy_server.registry import PolicyRegistry, PolicyVersion
 from policy_server.service import PredictionEvent
@@ -145,3 +148,36 @@ def _row_distribution(exact: Any, row: int) -> dict[str, Any]:
     if exact.probabilities is not None:
         return {"probabilities": [component[row].tolist() for component in exact.probabilities]}
     return {"mean": exact.mean[row].tolist(), "std": exact.std[row].tolist()}
+
+
+class DecisionLogger:
+    """Writes one record per answered decision to the decision log, and the shadow's answers
+    beside them. Awaits the log: its back-pressure (and sync mode) hold the answer back."""
+
+    def __init__(self, log: DecisionLog, worker: str = "0") -> None:
+        self.log = log
+        self.worker = worker
+
+    async def observe(self, event: PredictionEvent) -> None:
+        version = event.version
+        policy = version.loaded
+        predictions = event.predictions
+        records = decision_records(
+            policy=version.name,
+            version=version.version,
+            worker=self.worker,
+            decision_ids=[p["decision_id"] for p in predictions],
+            episodes=[(p.get("episode_id"), p.get("step")) for p in predictions],
+            rows=event.rows,
+            logits=event.logits,
+            chosen=event.chosen,
+            values=event.outputs.value,
+            sampled=event.sampled,
+            distribution=policy.distribution.distribution(event.logits),
+            masks=event.masks,
+        )
+        await self.log.append(records)
+
+    def shadow_answer(self, _: ShadowWork, answer: dict[str, Any]) -> None:
+        """A shadow sink: runs in the shadow thread, so it may block on a full queue."""
+        self.log.append_blocking([{"type": "shadow", "time": time.time(), **answer}])

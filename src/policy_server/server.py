@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import gc
-import sys
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 
 from policy_server.api.app import create_app
 from policy_server.api.auth import KeyRing
-from policy_server.errors import PolicyLoadError
+from policy_server.experience.log import DecisionLog
 from policy_server.lifecycle import PolicyManager
 from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
-from policy_server.observers import ActionMetrics, ShadowScorer
+from policy_server.observers import ActionMetrics, DecisionLogger, ShadowScorer
 from policy_server.registry import PolicyRegistry, PolicyVersion
-from policy_server.service import ModelCaller, PolicyService, local_caller
+from policy_server.service import ModelCaller, Observer, PolicyService, local_caller
 from policy_server.settings import Settings
 
 CallerHook = Callable[[PolicyVersion, Metrics], Awaitable[ModelCaller]]
@@ -31,7 +30,15 @@ def build_app(settings: Settings, callers: CallerHook | None = None) -> FastAPI:
     manager = PolicyManager(settings, registry, metrics)
     manager.load_initial()
     shadow = ShadowScorer(registry, metrics, settings.shadow_queue)
-    service = PolicyService(registry, [ActionMetrics(metrics), shadow])
+    observers: list[Observer] = [ActionMetrics(metrics), shadow]
+    log = _decision_log(settings, metrics)
+    closing = [shadow.close]
+    if log is not None:
+        logger = DecisionLogger(log)
+        observers.append(logger)
+        shadow.sinks.append(logger.shadow_answer)
+        closing.append(log.close)  # after the shadow thread, which writes to it
+    service = PolicyService(registry, observers)
     _install_hooks(settings, registry, service, metrics, callers)
     api_key = settings.secret("api_key")
     keys = KeyRing(
@@ -39,9 +46,23 @@ def build_app(settings: Settings, callers: CallerHook | None = None) -> FastAPI:
         settings.secret("admin_key"),
         settings.no_auth,
     )
-    app = create_app(service, manager, settings, keys, metrics, closing=[shadow.close])
+    app = create_app(service, manager, settings, keys, metrics, log, closing)
     freeze_garbage()
     return app
+
+
+def _decision_log(settings: Settings, metrics: Metrics) -> DecisionLog | None:
+    if settings.decision_log is None:
+        return None
+    return DecisionLog(
+        settings.decision_log,
+        worker="0",
+        sync=settings.decision_log_sync,
+        max_queue=settings.decision_log_queue,
+        rotate_bytes=int(settings.decision_log_rotate_mb * 1024 * 1024),
+        rotate_seconds=settings.decision_log_rotate_s,
+        registry=metrics.registry,
+    )
 
 
 def freeze_garbage() -> None:
@@ -96,15 +117,3 @@ def serve(settings: Settings) -> None:
         log_config=None,
         access_log=False,
     )
-
-
-def app_from_environment() -> FastAPI:
-    """The app for `uvicorn app:app`: the policy in BASE_PATH (default: the working folder).
-
-    A policy that cannot be served stops the process with the reason, not a traceback.
-    """
-    try:
-        return build_app(Settings())
-    except PolicyLoadError as error:
-        print(f"policy-server: cannot serve: {error}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         description="Client SDKs generated in the background for /clients, comma-separated "
         "(python, java, scala, r); empty turns generation off.",
     )
+    clients_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="How long a /clients download waits for the client generation in "
+        "progress before it answers 503 with Retry-After.",
+    )
     java: str | None = Field(
         default=None,
         description="Java runtime that runs OpenAPI Generator; default: java on PATH, "
@@ -139,6 +145,29 @@ class Settings(BaseSettings):
     )
     ray_replica_cpus: float = Field(
         default=1.0, gt=0, description="CPUs Ray reserves for each replica."
+    )
+    decision_log: Path | None = Field(
+        default=None,
+        description="Folder of the decision log: every answered decision with its "
+        "probabilities, for rewards, offline-RL exports and off-policy evaluation. Off "
+        "by default.",
+    )
+    decision_log_sync: bool = Field(
+        default=False,
+        description="Answer a request only once its decision is written and fsync'ed "
+        "(grouped), so that even a killed server loses nothing it acknowledged.",
+    )
+    decision_log_queue: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most decision-log records waiting to be written; beyond it requests "
+        "wait for the disk (back-pressure) instead of memory growing.",
+    )
+    decision_log_rotate_mb: float = Field(
+        default=64.0, gt=0, description="Size at which a decision-log file is rotated (gzip)."
+    )
+    decision_log_rotate_s: float = Field(
+        default=3600.0, gt=0, description="Age at which a decision-log file is rotated."
     )
     log_level: str = Field(
         default="info",

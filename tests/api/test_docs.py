@@ -32,7 +32,7 @@ BROWSER_ARGS = [
 
 
 def example_app(cache_dir: Path) -> FastAPI:
-    app = build_app(
+    return build_app(
         Settings(
             policy_path=EXAMPLE,
             api_key=EXAMPLE_KEY,
@@ -41,16 +41,6 @@ def example_app(cache_dir: Path) -> FastAPI:
             client_languages="",
         )
     )
-    if app.docs_url is not None:
-        # Until create_app leaves the docs to install_docs: drop FastAPI's CDN pages.
-        app.router.routes = [
-            route
-            for route in app.router.routes
-            if getattr(route, "path", None) not in {"/docs", "/docs/oauth2-redirect", "/redoc"}
-        ]
-        app.docs_url = app.redoc_url = None
-        install_docs(app)
-    return app
 
 
 @pytest.fixture(scope="module")

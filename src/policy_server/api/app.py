@@ -11,18 +11,22 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Security
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from policy_server import __version__
 from policy_server.api.auth import KeyRing, header_scheme
 from policy_server.api.clients import add_client_routes
-from policy_server.api.errors import install_error_handlers
+from policy_server.api.docs import install_docs
+from policy_server.api.errors import error_response, install_error_handlers
+from policy_server.api.experience import add_experience_routes
 from policy_server.api.limits import BodySizeLimit
 from policy_server.api.observability import RequestObserver
 from policy_server.api.policies import add_policy_routes
 from policy_server.api.routes import Context, build_routes
 from policy_server.clients import ClientBuilder
+from policy_server.experience.log import DecisionLog, DecisionLogClosed
 from policy_server.lifecycle import PolicyManager
 from policy_server.metrics import Metrics
 from policy_server.service import PolicyService
@@ -55,17 +59,26 @@ class StripTrailingSlash:
         await self.app(scope, receive, send)
 
 
+async def _log_unavailable(_: Request, error: Exception) -> Response:
+    return error_response(503, "decision_log_unavailable", f"the decision log failed: {error}")
+
+
 def create_app(
     service: PolicyService,
     manager: PolicyManager,
     settings: Settings,
     keys: KeyRing,
     metrics: Metrics,
+    log: DecisionLog | None = None,
     closing: list[Callable[[], None]] | None = None,
 ) -> FastAPI:
     registry = service.registry
     builder = ClientBuilder(
-        lambda: app.openapi(), settings.cache_dir, settings.languages, settings.java
+        lambda: app.openapi(),
+        settings.cache_dir,
+        settings.languages,
+        settings.java,
+        wait_s=settings.clients_wait_s,
     )
 
     @asynccontextmanager
@@ -89,7 +102,10 @@ def create_app(
         title="Policy server" + (f": {registry.default_name}" if registry.default_name else ""),
         version=__version__,
         description=_DESCRIPTION.format(names=names, default=registry.default_name),
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.router.redirect_slashes = False
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -101,6 +117,9 @@ def create_app(
         return "ok"
 
     add_policy_routes(app.router, registry, manager, keys)
+    if log is not None:
+        add_experience_routes(app.router, registry, service, keys, log)
+        app.add_exception_handler(DecisionLogClosed, _log_unavailable)
     if builder.languages:
 
         async def any_policy_key(request: Request) -> None:

@@ -171,13 +171,16 @@ class Parsed:
     observations: list[Any]
     episodes: list[Episode] | None
     masks: list[list[list[Any]] | None] | None
+    # The raw body's class in the version that validated it: versions with the same layout
+    # read each other's bodies, but each has classes of its own.
+    raw_model: type[BaseModel] | None = None
 
     @property
     def episode_id(self) -> str | None:
         return self.episodes[0].episode_id if self.episodes else None
 
 
-def unwrap(items: Sequence[Any]) -> Parsed:
+def unwrap(items: Sequence[Any], raw_model: type[BaseModel] | None = None) -> Parsed:
     observations, episodes, masks = [], [], []
     enveloped = False
     for item in items:
@@ -191,16 +194,18 @@ def unwrap(items: Sequence[Any]) -> Parsed:
             episodes.append(Episode())
             masks.append(None)
     if not enveloped:
-        return Parsed(observations, None, None)
-    return Parsed(observations, episodes, masks)
+        return Parsed(observations, None, None, raw_model)
+    return Parsed(observations, episodes, masks, raw_model)
 
 
-def rows_of(policy: LoadedPolicy, observations: Sequence[Any]) -> npt.NDArray[np.float32]:
+def rows_of(
+    policy: LoadedPolicy, observations: Sequence[Any], raw_model: type[BaseModel] | None = None
+) -> npt.NDArray[np.float32]:
     """Model input rows: typed observations, `{"obs": [...]}` bodies or plain vectors."""
     if observations and isinstance(observations[0], list):
         vectors = [o if isinstance(o, list) else o.obs for o in observations]
         return np.asarray(vectors, dtype=np.float32)
-    rows = policy.vectorizer.rows(observations, policy.raw_model)
+    rows = policy.vectorizer.rows(observations, raw_model or policy.raw_model)
     return np.asarray(rows, dtype=np.float32)
 
 

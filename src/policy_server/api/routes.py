@@ -208,7 +208,7 @@ def _routes_of(
             routes.append(
                 PolicyRoute(
                     base + operation.path,
-                    _docs_endpoint(body_type, operation.seeded, pinned),
+                    _docs_endpoint(body_type, operation.seeded, pinned, f"{pascal(op_id)}Request"),
                     PredictionHandler(context, operation, rs.name, pinned),
                     methods=["POST"],
                     operation_id=op_id,
@@ -222,7 +222,7 @@ def _routes_of(
         routes.append(
             PolicyRoute(
                 base + "/schema",
-                _docs_endpoint(None, False, pinned),
+                _docs_endpoint(None, False, pinned, ""),
                 SchemaHandler(context, rs.name, pinned),
                 methods=["GET"],
                 operation_id=_op_id(rs.op_prefix, "getSchema") + suffix,
@@ -252,7 +252,7 @@ def _docs_models(policy: LoadedPolicy, prefix: str, max_batch: int) -> tuple[Any
     return body_types(policy, prefix, max_batch), responses
 
 
-def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool) -> Callable[..., Any]:
+def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool, title: str) -> Callable[..., Any]:
     """A function whose signature tells FastAPI what the route takes; it is never called."""
 
     async def endpoint(**_: Any) -> None:  # pragma: no cover - never called
@@ -270,7 +270,10 @@ def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool) -> Callable[..., 
     if body_type is not None:
         parameters.append(
             inspect.Parameter(
-                "body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[body_type, Body()]
+                "body",
+                inspect.Parameter.KEYWORD_ONLY,
+                # A union body is named by its title; SDK generators name its class after it.
+                annotation=Annotated[body_type, Body(title=title)],
             )
         )
     if seeded:
@@ -367,7 +370,7 @@ class PredictionHandler(_Handler):
         observations = parsed.observations if whole else [parsed.observations[i] for i in indices]
         episodes = _pick(parsed.episodes, indices, whole)
         masks = _pick(parsed.masks, indices, whole)
-        rows = rows_of(version.loaded, observations)
+        rows = rows_of(version.loaded, observations, parsed.raw_model)
         try:
             predictions = await self.context.service.predict(
                 version,
@@ -394,7 +397,7 @@ class PredictionHandler(_Handler):
         version = pinned or entry.route(parsed.episode_id)
         if not same_layout((pinned or entry.primary or version).loaded, version.loaded):
             parsed = _parse(version.loaded, self.operation, body, limit)
-        rows = rows_of(version.loaded, parsed.observations)
+        rows = rows_of(version.loaded, parsed.observations, parsed.raw_model)
         try:
             result = await self.context.service.distribution(version, rows, parsed.masks)
         except InvalidRows as error:
@@ -419,7 +422,7 @@ def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: int) 
         raise RequestValidationError(
             [e | {"loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
         ) from None
-    return unwrap(value.observations if operation.batch else [value])
+    return unwrap(value.observations if operation.batch else [value], policy.raw_model)
 
 
 async def _json_body(request: Request) -> bytes:
