@@ -168,7 +168,7 @@ def measure_reload(
         response = httpx.post(
             server.url + "/admin/reload", headers={"access-token": ADMIN_KEY}, timeout=120
         )
-        status: int | str = response.status_code
+        status: int | str = f"{response.status_code} {response.text[:160]}"
     except httpx.HTTPError as error:
         status = f"failed: {error!r}"
     took = time.perf_counter() - started

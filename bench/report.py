@@ -334,4 +334,13 @@ observation, by writing 1,000 JSON objects and, for mouse_and_cheese (two 256-un
 layers), by the forward pass itself on two cores shared with the HTTP side;
 `/predict_raw_batch` skips the per-field objects, and a columnar response (one array per
 output) would remove most of the rest.
+
+Why the peers are slower with the same model and the same work: LitServe's FastAPI
+process hands each request to its inference worker process through a multiprocessing queue
+(the payload pickled) and waits for the answer on a second queue, so every request pays two
+inter-process hops beside the HTTP work. Ray Serve's request goes from its HTTP proxy actor
+through the router to the replica actor over Ray's RPC, where a second ASGI app (the
+FastAPI ingress) runs the route; every hop is a Python process boundary. The bare-ASGI
+row is the HTTP stack alone (uvicorn with httptools and uvloop) and bounds what any
+Python server on this stack can answer with one process.
 """
