@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from policy_server.errors import PolicyLoadError
 from policy_server.loader import load_folder
 from policy_server.metrics import Metrics
@@ -30,6 +28,7 @@ from policy_server.repository import (
     Scanner,
     VersionSource,
 )
+from policy_server.runtime.verification import verification_observations
 from policy_server.schema import load_schema
 from policy_server.settings import PolicySettings, Settings
 
@@ -278,18 +277,21 @@ class PolicyManager:
 
 
 def verify_forward(policy: LoadedPolicy) -> None:
-    """A test forward pass on an all-zero observation: the model runs and its logits can be
-    read as a distribution."""
-    rows = np.zeros((1, policy.runtime.observation_width), dtype=np.float32)
+    """A test forward pass on observations the schema allows: the model runs and gives
+    logits of the action space's width."""
+    runtime = policy.runtime
+    rows = verification_observations(
+        runtime.observation_width, runtime.action_space, policy.schema, rows=4
+    )
     try:
-        outputs = policy.runtime.forward(rows)
-    except Exception as error:
+        outputs = runtime.forward(rows)
+    except Exception as error:  # any runtime's own error: the version is refused, not served
         raise PolicyLoadError(f"{policy.folder}: the test forward pass failed: {error}") from None
-    width = policy.runtime.action_space.logits_width
-    if outputs.logits.shape != (1, width):
+    width = runtime.action_space.logits_width
+    if outputs.logits.shape != (len(rows), width):
         raise PolicyLoadError(
             f"{policy.folder}: the test forward pass gave logits of shape "
-            f"{outputs.logits.shape}, the action space needs (1, {width})"
+            f"{outputs.logits.shape}, the action space needs ({len(rows)}, {width})"
         )
 
 

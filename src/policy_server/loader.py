@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from policy_server.archive import extract_cached, file_digest
+from policy_server.archive import extract_cached, file_digest, find_saved_model
 from policy_server.errors import PolicyLoadError
 from policy_server.registry import LoadedPolicy
 from policy_server.runtime.base import PolicyRuntime
@@ -66,9 +66,10 @@ def locate_saved_model(folder: Path, settings: Settings) -> tuple[Path, str]:
     if archive.is_file():
         extracted = extract_cached(archive, settings.cache_dir, settings.max_extract_bytes)
         return extracted, extracted.parent.name
-    for candidate in (folder, folder / UNZIPPED_FOLDER):
-        if (candidate / "saved_model.pb").is_file():
-            return candidate, file_digest(candidate / "saved_model.pb")
+    for candidate in (folder / UNZIPPED_FOLDER, folder):
+        if candidate.is_dir() and any(candidate.rglob("saved_model.pb")):
+            root = find_saved_model(candidate, folder)
+            return root, file_digest(root / "saved_model.pb")
     raise PolicyLoadError(
         f"{folder}: found neither {ARCHIVE_NAME}, {ONNX_NAME} nor an unzipped SavedModel "
         "(saved_model.pb)"
@@ -86,13 +87,13 @@ def _saved_model_runtime(
             return runtime, digest
     from policy_server.runtime.tensorflow import TensorFlowRuntime
 
-    tensorflow = TensorFlowRuntime(model_dir, schema.parameters)
+    tensorflow = TensorFlowRuntime(model_dir, schema.parameters, source=str(folder))
     if choice == "tensorflow":
         return tensorflow, digest
     try:
         from policy_server.runtime.convert import convert
 
-        return convert(tensorflow, cached), digest
+        return convert(tensorflow, cached, schema), digest
     except PolicyLoadError as error:
         if choice == "onnx":
             raise
