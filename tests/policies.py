@@ -68,3 +68,42 @@ def linear_onnx_policy(path: Path, weights: np.ndarray, bias: np.ndarray) -> Non
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def slow_onnx_policy(
+    path: Path, width: int, actions: int, layers: int = 160, hidden: int = 1024
+) -> None:
+    """A model.onnx that takes milliseconds per call: `layers` products with one shared
+    hidden x hidden matrix, for a shadow version much slower than the policy it shadows."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["obs", "W_in"], ["h0"])]
+    for index in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{index}", "W"], [f"m{index}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{index}"], [f"h{index + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "W_out"], ["logits"]))
+    nodes.append(helper.make_node("ReduceSum", ["obs", "axes"], ["value"], keepdims=0))
+    weights = {
+        "W_in": rng.normal(0, 0.5, (width, hidden)),
+        "W": rng.normal(0, 1 / np.sqrt(hidden), (hidden, hidden)),
+        "W_out": rng.normal(0, 0.1, (hidden, actions)),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "slow-policy",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", width])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", actions]),
+            helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=[
+            *(numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
