@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Info,
     disable_created_metrics,
 )
 
@@ -71,12 +71,16 @@ class Metrics:
             "Time it took to load the policy version.",
             ["policy", "version"],
             registry=self.registry,
+            multiprocess_mode="liveall",  # one per live worker (`serve --workers`), by pid
         )
-        self.info = Info(
-            "policy_server_policy",
+        # A gauge of 1 rather than an Info, which prometheus-client's multiprocess mode
+        # (`serve --workers`) does not export; the text exposition is the same.
+        self.info = Gauge(
+            "policy_server_policy_info",
             "The loaded policy versions: name, version and runtime.",
-            ["policy", "version"],
+            ["policy", "version", "runtime"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.replica_requests = Counter(
             "policy_server_replica_requests",
@@ -108,11 +112,19 @@ class Metrics:
 
     def policy_loaded(self, name: str, version: str, runtime: str, seconds: float) -> None:
         self.load_duration.labels(name, version).set(seconds)
-        self.info.labels(name, version).info({"runtime": runtime})
+        self.info.labels(name, version, runtime).set(1)
 
     def policy_unloaded(self, name: str, version: str) -> None:
-        """Drop an unloaded version's children, so its series stop being exported."""
-        for metric in (self.load_duration, self.info, self.batch_size, self.inference_duration):
+        """Drop an unloaded version's children, so its series stop being exported. Under
+        `serve --workers` (multiprocess mode) their last values stay in the workers' files,
+        and prometheus-client warns of it on every removal."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
+            self._remove_children(name, version)
+
+    def _remove_children(self, name: str, version: str) -> None:
+        self.info.remove_by_labels({"policy": name, "version": version})
+        for metric in (self.load_duration, self.batch_size, self.inference_duration):
             with contextlib.suppress(KeyError):
                 metric.remove(name, version)
         with self._lock:

@@ -19,22 +19,30 @@ from policy_server.service import ModelCaller, Observer, PolicyService, local_ca
 from policy_server.settings import Settings
 
 CallerHook = Callable[[PolicyVersion, Metrics], Awaitable[ModelCaller]]
+ManagerFactory = Callable[[Settings, PolicyRegistry, Metrics], PolicyManager]
 
 
-def build_app(settings: Settings, callers: CallerHook | None = None) -> FastAPI:
+def build_app(
+    settings: Settings,
+    callers: CallerHook | None = None,
+    *,
+    worker: str = "0",
+    managers: ManagerFactory = PolicyManager,
+) -> FastAPI:
     """The whole server for `settings`; `callers` overrides how model calls are made (the
-    Ray Serve ingress passes its deployment handle)."""
+    Ray Serve ingress passes its deployment handle). A worker of `serve --workers N` passes
+    its name (its decision-log stream) and a manager that follows the other workers."""
     configure_logging(settings.log_level)
     metrics = Metrics()
     registry = PolicyRegistry()
-    manager = PolicyManager(settings, registry, metrics)
+    manager = managers(settings, registry, metrics)
     manager.load_initial()
     shadow = ShadowScorer(registry, metrics, settings.shadow_queue)
     observers: list[Observer] = [ActionMetrics(metrics), shadow]
-    log = _decision_log(settings, metrics)
+    log = _decision_log(settings, metrics, worker)
     closing = [shadow.close]
     if log is not None:
-        logger = DecisionLogger(log)
+        logger = DecisionLogger(log, worker)
         observers.append(logger)
         shadow.sinks.append(logger.shadow_answer)
         closing.append(log.close)  # after the shadow thread, which writes to it
@@ -51,12 +59,12 @@ def build_app(settings: Settings, callers: CallerHook | None = None) -> FastAPI:
     return app
 
 
-def _decision_log(settings: Settings, metrics: Metrics) -> DecisionLog | None:
+def _decision_log(settings: Settings, metrics: Metrics, worker: str) -> DecisionLog | None:
     if settings.decision_log is None:
         return None
     return DecisionLog(
         settings.decision_log,
-        worker="0",
+        worker=worker,
         sync=settings.decision_log_sync,
         max_queue=settings.decision_log_queue,
         rotate_bytes=int(settings.decision_log_rotate_mb * 1024 * 1024),
@@ -106,6 +114,11 @@ def _install_hooks(
 
 
 def serve(settings: Settings) -> None:
+    if settings.resolved_workers > 1:
+        from policy_server.workers import serve_workers
+
+        serve_workers(settings)
+        return
     import uvicorn
 
     app = build_app(settings)

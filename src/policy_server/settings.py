@@ -169,6 +169,14 @@ class Settings(BaseSettings):
     decision_log_rotate_s: float = Field(
         default=3600.0, gt=0, description="Age at which a decision-log file is rotated."
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Processes serving the port, each with its own runtime, micro-batcher and "
+        "single-threaded ONNX sessions; metrics, admin changes and the decision log span "
+        "them all. Default: the machine's cores; 1 keeps one process. The Ray backend "
+        "always uses one.",
+    )
     log_level: str = Field(
         default="info",
         description="Log level: debug, info (one JSON line per request), warning, error.",
@@ -186,6 +194,12 @@ class Settings(BaseSettings):
     @property
     def resolved_backend(self) -> str:
         return "ray" if self.use_ray else self.backend
+
+    @property
+    def resolved_workers(self) -> int:
+        if self.resolved_backend == "ray":
+            return 1
+        return self.workers or os.cpu_count() or 1
 
     @property
     def languages(self) -> list[str]:
