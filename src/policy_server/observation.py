@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, with_config
+from typing_extensions import TypedDict
 
 from policy_server.errors import FieldError, InvalidObservation
 from policy_server.schema import FieldType, ObservationField, PolicySchema
@@ -26,6 +27,31 @@ def observation_model(schema: PolicySchema, name: str = "Observation") -> type[B
         __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
         __doc__="One observation, with the fields of schema.yaml in the order the model reads.",
         **fields,
+    )
+
+
+def observation_dict(schema: PolicySchema) -> Any | None:
+    """The typed observation as a TypedDict with the same constraints: validating many of
+    them into plain dicts costs half of building models. None when a list field has no
+    fixed length (its rows need the width check of `Vectorizer.row`)."""
+    fields = schema.observations
+    if not fields or any(f.type.is_list and f.min_items != f.max_items for f in fields):
+        return None
+    annotations = {f.name: Annotated[_annotation(f), _field_info(f)] for f in fields}
+    return with_config(ConfigDict(extra="forbid"))(TypedDict("ObservationDict", annotations))  # type: ignore[operator]
+
+
+def dict_rows(schema: PolicySchema, items: list[dict[str, Any]]) -> npt.NDArray[np.float32]:
+    """Model input rows of validated `observation_dict` items, in schema order."""
+    if not any(f.type.is_list for f in schema.observations):
+        return np.array([tuple(item.values()) for item in items], dtype=np.float32)
+    lists = [(f.name, f.type.is_list) for f in schema.observations]
+    return np.array(
+        [
+            [v for name, is_list in lists for v in (item[name] if is_list else (item[name],))]
+            for item in items
+        ],
+        dtype=np.float32,
     )
 
 

@@ -315,7 +315,9 @@ def _fill_mask(
 
 class DecisionIds:
     """Time-ordered unique ids in the UUIDv7 layout: 48 bits of Unix milliseconds, a counter
-    that orders ids within a millisecond, and random bits that keep processes apart."""
+    that orders calls within a millisecond, and random bits that keep processes apart. The
+    ids of one call share their random base and count up from it, so a batch of a thousand
+    costs one formatting each."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -328,19 +330,16 @@ class DecisionIds:
             now = time.time_ns() // 1_000_000
             if now > self._last_ms:
                 self._last_ms, self._counter = now, self._random.getrandbits(8)
-            ids = []
-            for _ in range(count):
+            else:
                 self._counter += 1
                 if self._counter >= 1 << 12:  # counter overflow: borrow the next millisecond
-                    self._last_ms += 1
-                    self._counter = 0
-                value = (
-                    (self._last_ms << 80)
-                    | (0x7 << 76)
-                    | (self._counter << 64)
-                    | (0b10 << 62)
-                    | self._random.getrandbits(62)
-                )
-                text = f"{value:032x}"
-                ids.append(f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}")
-            return ids
+                    self._last_ms, self._counter = self._last_ms + 1, 0
+            high = (self._last_ms << 16) | (0x7 << 12) | self._counter
+            base = self._random.getrandbits(62 - 20) << 20  # room to count up `count` ids
+        head = f"{high:016x}"
+        head = f"{head[:8]}-{head[8:12]}-{head[12:]}"
+        ids = []
+        for low in range((0b10 << 62) | base, (0b10 << 62) | base + count):
+            text = f"{low:016x}"
+            ids.append(f"{head}-{text[:4]}-{text[4:]}")
+        return ids

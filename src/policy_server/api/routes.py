@@ -24,7 +24,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from policy_server.api.auth import KeyRing, header_scheme
-from policy_server.api.bodies import Parsed, body_types, rows_of, same_layout, unwrap, validators
+from policy_server.api.bodies import (
+    Parsed,
+    body_types,
+    flat_rows,
+    rows_of,
+    same_layout,
+    unwrap,
+    validators,
+)
 from policy_server.api.errors import ERROR_RESPONSES, POLICY_RESPONSES
 from policy_server.api.models import (
     FieldInfo,
@@ -330,7 +338,7 @@ class PredictionHandler(_Handler):
         if operation.mode == "distribution":
             return await self._distribution(request, entry, pinned, parsed, body, limit)
         groups = self._groups(entry, pinned, parsed)
-        answers: list[Prediction | None] = [None] * len(parsed.observations)
+        answers: list[Prediction | None] = [None] * parsed.count
         for version, indices in groups:
             if not same_layout(reference.loaded, version.loaded):
                 parsed = _parse(version.loaded, operation, body, limit)
@@ -345,7 +353,7 @@ class PredictionHandler(_Handler):
     ) -> list[tuple[PolicyVersion, list[int]]]:
         """Which version answers which observation: sticky per episode, else one draw per
         request from the traffic split."""
-        count = len(parsed.observations)
+        count = parsed.count
         if pinned is not None:
             return [(pinned, list(range(count)))]
         episodes = parsed.episodes
@@ -366,11 +374,15 @@ class PredictionHandler(_Handler):
         answers: list[Prediction | None],
         seed: int | None,
     ) -> None:
-        whole = len(indices) == len(parsed.observations)
-        observations = parsed.observations if whole else [parsed.observations[i] for i in indices]
+        whole = len(indices) == parsed.count
         episodes = _pick(parsed.episodes, indices, whole)
         masks = _pick(parsed.masks, indices, whole)
-        rows = rows_of(version.loaded, observations, parsed.raw_model)
+        if parsed.rows is not None:
+            rows = parsed.rows if whole else parsed.rows[indices]
+        else:
+            observations = parsed.observations
+            observations = observations if whole else [observations[i] for i in indices]
+            rows = rows_of(version.loaded, observations, parsed.raw_model)
         try:
             predictions = await self.context.service.predict(
                 version,
@@ -416,8 +428,12 @@ def _pick(values: list[Any] | None, indices: list[int], whole: bool) -> list[Any
 
 
 def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: int) -> Parsed:
+    checks = validators(policy, limit)
+    flat = checks.flat_batch(operation.kind, body)
+    if flat is not None:
+        return Parsed([], None, None, rows=flat_rows(policy, operation.kind, flat))
     try:
-        value = validators(policy, limit).validate(operation.kind, body)
+        value = checks.validate(operation.kind, body)
     except ValidationError as error:
         raise RequestValidationError(
             [e | {"loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
