@@ -199,7 +199,8 @@ class Settings(BaseSettings):
     def resolved_workers(self) -> int:
         if self.resolved_backend == "ray":
             return 1
-        return self.workers or os.cpu_count() or 1
+        # The cores this process may run on (a container's cpuset), not all the machine's.
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def languages(self) -> list[str]:
