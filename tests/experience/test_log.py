@@ -6,8 +6,10 @@ import asyncio
 import gzip
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from policy_server.experience import DecisionLog, DecisionLogClosed
-from policy_server.experience.files import list_streams, read_records
+from policy_server.experience.files import list_streams, lock_worker, read_records
+from policy_server.experience.index import INDEX_NAME
 from tests.experience.records import simple
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,8 +124,41 @@ def test_workers_sharing_a_directory_know_each_others_decisions(tmp_path: Path) 
 def test_one_worker_name_cannot_be_used_by_two_logs_at_once(tmp_path: Path) -> None:
     log = DecisionLog(tmp_path)
     with pytest.raises(RuntimeError, match="another process is logging as worker '0'"):
-        DecisionLog(tmp_path)
+        DecisionLog(tmp_path, lock_wait_s=0.2)
     log.close()
+
+
+def test_a_worker_waits_for_its_name_while_another_holds_it(tmp_path: Path) -> None:
+    holder = lock_worker(tmp_path, "0")  # as a worker recovering worker 0's files does
+    threading.Timer(0.3, holder.close).start()
+    log = DecisionLog(tmp_path, lock_wait_s=30)
+    log.append_blocking([simple(0)])
+    log.close()
+    assert len(logged_ids(tmp_path)) == 1
+
+
+def test_a_reward_waits_for_a_decision_another_worker_has_not_written_yet(
+    tmp_path: Path,
+) -> None:
+    """In async mode a worker answers before writing: a reward sent to another worker at
+    once must still join."""
+    first, second = DecisionLog(tmp_path, worker="a"), DecisionLog(tmp_path, worker="b")
+    record = simple(0, episode_id="e", step=0)
+    # Holding the index's write lock keeps the first worker from indexing the record.
+    blocker = sqlite3.connect(tmp_path / INDEX_NAME, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, blocker.execute, ["COMMIT"]).start()
+
+    async def scenario() -> list[str]:
+        await first.append([record])
+        results = await second.add_rewards([{"decision_id": record["decision_id"], "reward": 1}])
+        ended = await second.end_episode("e")
+        return [results[0]["status"], ended["status"]]
+
+    assert asyncio.run(scenario()) == ["joined", "closed"]
+    first.close()
+    second.close()
+    blocker.close()
 
 
 def test_episodes_end_only_when_they_have_decisions(tmp_path: Path) -> None:
@@ -271,3 +307,23 @@ def test_logs_restored_without_their_index_get_it_rebuilt(tmp_path: Path) -> Non
     assert registry.get_sample_value("policy_server_decisions_awaiting_reward") == 3
     assert asyncio.run(reward(rebuilt, 0)) == "joined"
     rebuilt.close()
+
+
+def test_the_count_awaiting_a_reward_is_the_directorys_not_one_workers(tmp_path: Path) -> None:
+    registries = CollectorRegistry(), CollectorRegistry()
+    first, second = (
+        DecisionLog(tmp_path, worker=name, sync=True, registry=registry)
+        for name, registry in zip("ab", registries, strict=True)
+    )
+    records = [simple(i) for i in range(4)]
+    first.append_blocking(records[:3])
+
+    async def reward() -> None:
+        await second.add_rewards([{"decision_id": records[0]["decision_id"], "reward": 1.0}])
+
+    asyncio.run(reward())
+    second.append_blocking(records[3:])
+    awaiting = [r.get_sample_value("policy_server_decisions_awaiting_reward") for r in registries]
+    assert awaiting == [3, 3]
+    first.close()
+    second.close()

@@ -40,18 +40,36 @@ def stream_path(directory: Path, worker: str, number: int) -> Path:
     return directory / f"decisions-{worker}-{number:06d}.jsonl"
 
 
-def lock_worker(directory: Path, worker: str) -> IO[bytes]:
-    """Hold an exclusive lock on the worker's name: two writers on one stream would interleave."""
-    handle = (directory / f"decisions-{worker}.lock").open("ab")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RuntimeError(
-            f"{directory}: another process is logging as worker {worker!r}; give each "
-            "process its own worker name"
-        ) from None
-    return handle
+def lock_worker(directory: Path, worker: str, wait: float = 0.0) -> IO[bytes]:
+    """Hold an exclusive lock on the worker's name: two writers on one stream would interleave.
+
+    Waits up to `wait` seconds for it: a starting worker may find its lock held by another
+    worker that is recovering the files a killed predecessor left.
+    """
+    handle = _lock_path(directory, worker).open("ab")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise RuntimeError(
+                    f"{directory}: another process is logging as worker {worker!r}; give "
+                    "each process its own worker name"
+                ) from None
+            time.sleep(0.05)
+
+
+def other_workers(directory: Path, worker: str) -> bool:
+    """Whether any other worker has ever logged to the directory (its lock file stays)."""
+    own = _lock_path(directory, worker).name
+    return any(path.name != own for path in directory.glob("decisions-*.lock"))
+
+
+def _lock_path(directory: Path, worker: str) -> Path:
+    return directory / f"decisions-{worker}.lock"
 
 
 def fsync_directory(directory: Path) -> None:

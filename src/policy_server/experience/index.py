@@ -22,6 +22,13 @@ CREATE TABLE IF NOT EXISTS decisions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS decisions_by_episode ON decisions (episode_id)
     WHERE episode_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+# Kept in the transactions that change it, so that every worker reads the same exact count
+# without a scan; an index made before this table existed is counted once.
+_COUNT_AWAITING = """
+INSERT OR IGNORE INTO counts (name, value)
+SELECT 'awaiting_reward', COUNT(*) FROM decisions WHERE rewarded = 0
 """
 # SQLite allows 32766 host parameters per statement; stay well below.
 _CHUNK = 10_000
@@ -45,16 +52,17 @@ class DecisionIndex:
         self._writer = connect(directory, durable)
         self._reader = connect(directory, durable)
         self._read_lock = threading.Lock()
+        self._writer.execute("BEGIN IMMEDIATE")
+        self._writer.execute(_COUNT_AWAITING)
+        self._writer.execute("COMMIT")
 
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
 
-    def commit(
-        self, decisions: Iterable[tuple[str, str | None]], rewarded: Iterable[str]
-    ) -> tuple[int, int]:
+    def commit(self, decisions: Iterable[tuple[str, str | None]], rewarded: Iterable[str]) -> int:
         """Add decisions and mark rewarded ones in one transaction; returns how many
-        decisions were new and how many got their first reward."""
+        decisions of every worker await a reward after it."""
         cursor = self._writer.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
@@ -70,11 +78,16 @@ class DecisionIndex:
                     (decision_id,),
                 )
                 first_rewards += cursor.rowcount
+            awaiting = cursor.execute(
+                "UPDATE counts SET value = value + ? WHERE name = 'awaiting_reward' "
+                "RETURNING value",
+                (inserted - first_rewards,),
+            ).fetchone()[0]
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")
             raise
-        return inserted, first_rewards
+        return int(awaiting)
 
     def known(self, decision_ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -98,6 +111,6 @@ class DecisionIndex:
     def awaiting_reward(self) -> int:
         with self._read_lock:
             row = self._reader.execute(
-                "SELECT COUNT(*) FROM decisions WHERE rewarded = 0"
+                "SELECT value FROM counts WHERE name = 'awaiting_reward'"
             ).fetchone()
         return int(row[0])

@@ -35,6 +35,7 @@ from policy_server.experience.files import (
     leftovers,
     list_streams,
     lock_worker,
+    other_workers,
     read_file,
     read_records,
     workers_with_leftovers,
@@ -47,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 _INDEX_CHUNK = 50_000
+# How long a reward or an episode end that names no known decision waits for another worker,
+# which in async mode answers its decisions before writing them (a group commit or two).
+PEER_GRACE_S = 2.0
+_PEER_POLL_S = 0.05
 _DUMPS_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -69,7 +74,8 @@ class DecisionLog:
     `sync=True` answers `append` only once its records are fsync'ed (grouped with everything
     else waiting), so a killed process loses nothing acknowledged. Otherwise `append` returns
     once the records are queued, and `close()` (SIGTERM, lifespan shutdown) writes them all.
-    Several processes may share a directory, each with its own `worker` name.
+    Several processes may share a directory, each with its own `worker` name; a log waits up
+    to `lock_wait_s` for its name, which another worker may hold while recovering its files.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class DecisionLog:
         rotate_bytes: int = 64 * MiB,
         rotate_seconds: float = 3600.0,
         registry: CollectorRegistry | None = None,
+        lock_wait_s: float = 60.0,
     ) -> None:
         if max_queue < 1 or rotate_bytes < 1 or rotate_seconds <= 0:
             raise ValueError("max_queue, rotate_bytes and rotate_seconds must be positive")
@@ -90,7 +97,7 @@ class DecisionLog:
         self.worker = check_worker(worker)
         self.sync = sync
         self.max_queue = max_queue
-        self._lock_file = lock_worker(self.directory, worker)
+        self._lock_file = lock_worker(self.directory, worker, lock_wait_s)
         self.metrics = DecisionLogMetrics(registry)
         rebuild = not (self.directory / INDEX_NAME).exists() and bool(list_streams(self.directory))
         self._index = DecisionIndex(self.directory, durable=sync)
@@ -98,8 +105,7 @@ class DecisionLog:
             self._rebuild_index()
         self._compressor = Compressor()
         self._recover()
-        self._awaiting = self._index.awaiting_reward()
-        self.metrics.awaiting_reward.set(self._awaiting)
+        self.metrics.awaiting_reward.set(self._index.awaiting_reward())
         self._stream = RotatingStream(
             self.directory, worker, rotate_bytes, rotate_seconds, self._compressor.submit
         )
@@ -175,8 +181,8 @@ class DecisionLog:
         self, episode_id: str, terminated: bool = True, truncated: bool = False
     ) -> dict[str, Any]:
         """Close an episode: status "closed", or "unknown_episode" when no decision has it."""
-        known = self._episode_queued(episode_id) or await asyncio.to_thread(
-            self._index.has_episode, episode_id
+        known = self._episode_queued(episode_id) or bool(
+            await self._in_index([episode_id], self._episodes_in_index)
         )
         if not known:
             return {"episode_id": episode_id, "status": "unknown_episode"}
@@ -237,8 +243,23 @@ class DecisionLog:
             known = {i for i in decision_ids if i in self._queued_ids}
         rest = [i for i in decision_ids if i not in known]
         if rest:
-            known |= await asyncio.to_thread(self._index.known, rest)
+            known |= await self._in_index(rest, self._index.known)
         return known
+
+    async def _in_index(self, keys: list[str], look: Callable[[list[str]], set[str]]) -> set[str]:
+        """The keys the index has; where another worker may still be writing some of them,
+        looks again for up to PEER_GRACE_S."""
+        found = await asyncio.to_thread(look, keys)
+        if len(found) == len(keys) or self.sync or not other_workers(self.directory, self.worker):
+            return found
+        deadline = time.monotonic() + PEER_GRACE_S
+        while len(found) < len(keys) and time.monotonic() < deadline:
+            await asyncio.sleep(_PEER_POLL_S)
+            found |= await asyncio.to_thread(look, [k for k in keys if k not in found])
+        return found
+
+    def _episodes_in_index(self, episode_ids: list[str]) -> set[str]:
+        return {e for e in episode_ids if self._index.has_episode(e)}
 
     def _episode_queued(self, episode_id: str) -> bool:
         with self._cond:
@@ -287,17 +308,16 @@ class DecisionLog:
         self._stream.rotate_if_due()
         self._stream.write(data)
         self._stream.flush(durable=any(b.done is not None for b in batches))
-        inserted, first_rewards = self._index.commit(decisions, rewarded)
-        self._count(len(decisions), len(rewarded), len(data), inserted - first_rewards)
+        awaiting = self._index.commit(decisions, rewarded)
+        self._count(len(decisions), len(rewarded), len(data), awaiting)
         self.metrics.write_seconds.observe(time.perf_counter() - started)
         self._release(batches)
 
-    def _count(self, decisions: int, rewards: int, size: int, awaiting_change: int) -> None:
+    def _count(self, decisions: int, rewards: int, size: int, awaiting: int) -> None:
         self.metrics.decisions.inc(decisions)
         self.metrics.rewards.inc(rewards)
         self.metrics.bytes.inc(size)
-        self._awaiting += awaiting_change
-        self.metrics.awaiting_reward.set(self._awaiting)
+        self.metrics.awaiting_reward.set(awaiting)
 
     def _release(self, batches: list[_Batch]) -> None:
         with self._cond:

@@ -8,7 +8,12 @@ _WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 
 
 class DecisionLogMetrics:
-    """Unregistered (still usable) when no registry is given, so tests can build many logs."""
+    """Unregistered (still usable) when no registry is given, so tests can build many logs.
+
+    Under `serve --workers N` (prometheus-client's multiprocess mode) the counters add up
+    across workers; each worker's queue counts while it lives, and the count awaiting a reward,
+    read from the index that every worker shares, is the one written last.
+    """
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.decisions = Counter(
@@ -30,6 +35,7 @@ class DecisionLogMetrics:
             "policy_server_decision_log_queue_depth",
             "Records waiting for the decision log's writer.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.write_seconds = Histogram(
             "policy_server_decision_log_write_seconds",
@@ -44,6 +50,7 @@ class DecisionLogMetrics:
         )
         self.awaiting_reward = Gauge(
             "policy_server_decisions_awaiting_reward",
-            "Logged decisions that have no reward yet (this process's view of the index).",
+            "Logged decisions that have no reward yet, in the whole log directory.",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
