@@ -6,6 +6,7 @@ the server wrote covers a value known in closed form."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,12 +14,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,7 +101,9 @@ async def client_loop(server: RunningServer, client: int, load: Load) -> None:
             load.take(answer.get("predictions", [answer]))
 
 
-async def load_then_signal(server: RunningServer, sig: signal.Signals) -> Load:
+async def load_then_signal(server: RunningServer, stop: Callable[[RunningServer], None]) -> Load:
+    """Load the server from CLIENTS clients and `stop` it once SIGNAL_AFTER decisions are
+    acknowledged; the clients go on until the server refuses them."""
     load = Load()
     clients = [asyncio.create_task(client_loop(server, c, load)) for c in range(CLIENTS)]
     await asyncio.wait(
@@ -106,7 +111,7 @@ async def load_then_signal(server: RunningServer, sig: signal.Signals) -> Load:
         return_when=asyncio.FIRST_COMPLETED,
     )
     assert load.enough.is_set(), f"the load stopped early: {load.refusals}"
-    server.process.send_signal(sig)
+    stop(server)
     await asyncio.gather(*clients)
     return load
 
@@ -129,11 +134,29 @@ def wait_for_exit(server: RunningServer) -> int:
     return server.process.wait(timeout=60)
 
 
-def test_sigterm_under_load_loses_no_acknowledged_decision(cache_dir: Path, tmp_path: Path) -> None:
+def sigterm(server: RunningServer) -> None:
+    server.process.send_signal(signal.SIGTERM)
+
+
+def kill_9(server: RunningServer) -> None:
+    """SIGKILL the server and, under `--workers`, its workers at once, as a crash of the
+    machine or the container would."""
+    supervisor = psutil.Process(server.process.pid)
+    workers = supervisor.children(recursive=True)
+    for process in (supervisor, *workers):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(workers, timeout=30)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_under_load_loses_no_acknowledged_decision(
+    cache_dir: Path, tmp_path: Path, workers: str
+) -> None:
     log = tmp_path / "log"
     flags = ("--decision-log", str(log), "--decision-log-rotate-mb", ROTATE_MB)
-    with serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags) as server:
-        load = asyncio.run(load_then_signal(server, signal.SIGTERM))
+    with serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags, "--workers", workers) as server:
+        load = asyncio.run(load_then_signal(server, sigterm))
         # uvicorn shuts down cleanly, then re-raises the signal it caught.
         assert wait_for_exit(server) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in server.output()
@@ -149,13 +172,21 @@ def test_sigterm_under_load_loses_no_acknowledged_decision(cache_dir: Path, tmp_
         index.close()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_kill_9_in_sync_mode_loses_no_acknowledged_decision_and_rewards_join_after_restart(
-    cache_dir: Path, tmp_path: Path
+    cache_dir: Path, tmp_path: Path, workers: str
 ) -> None:
     log = tmp_path / "log"
-    flags = ("--decision-log", str(log), "--decision-log-rotate-mb", ROTATE_MB)
+    flags = (
+        "--decision-log",
+        str(log),
+        "--decision-log-rotate-mb",
+        ROTATE_MB,
+        "--workers",
+        workers,
+    )
     with serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags, "--decision-log-sync") as s:
-        load = asyncio.run(load_then_signal(s, signal.SIGKILL))
+        load = asyncio.run(load_then_signal(s, kill_9))
         assert wait_for_exit(s) == -signal.SIGKILL
     assert_all_logged(load, log)
 
@@ -291,7 +322,8 @@ def test_bandit_rewards_over_http_join_across_a_restart_export_and_evaluate(
     candidate = bandit_policy(tmp_path / "candidate", *CANDIDATE)
     log = tmp_path / "log"
     metrics_port = free_port()
-    flags = ("--decision-log", str(log))
+    # Two workers: a reward may reach the one that did not answer its decision.
+    flags = ("--decision-log", str(log), "--workers", "2")
     rng = np.random.default_rng(11)
     with (
         serving(
