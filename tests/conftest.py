@@ -162,3 +162,29 @@ def without_ids(answer: dict) -> dict:
     if "predictions" in answer:
         return {"predictions": [without_ids(p) for p in answer["predictions"]]}
     return {key: value for key, value in answer.items() if key != "decision_id"}
+
+
+@contextmanager
+def app_in_thread(app: object) -> Iterator[str]:
+    """An ASGI app served by a real uvicorn on a loopback port, in a thread of this process;
+    yields its URL."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")  # type: ignore[arg-type]
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

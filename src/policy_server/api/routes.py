@@ -10,6 +10,7 @@ original server's did.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ import orjson
 from fastapi import Body, Path, Query, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -436,9 +437,39 @@ def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: int) 
         value = checks.validate(operation.kind, body)
     except ValidationError as error:
         raise RequestValidationError(
-            [e | {"loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+            _refusal(checks.adapters[operation.kind], body, error)
         ) from None
     return unwrap(value.observations if operation.batch else [value], policy.raw_model)
+
+
+def _refusal(adapter: TypeAdapter[Any], body: bytes, error: ValidationError) -> list[Any]:
+    """The errors FastAPI's own body handling gives for a refused body: the standard
+    library's parse (NaN and Infinity reach the field that holds them), then validation of
+    the Python value, whose messages FastAPI's users know. Only refused bodies pay for it.
+    A body that cannot be decoded at all (bad syntax, bad UTF-8, too deep, a number too
+    long) is one kind of error, `json_invalid`, answered 422."""
+    if not body:
+        return [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as decode:
+        message = getattr(decode, "msg", None) or str(decode) or type(decode).__name__
+        where = ("body", getattr(decode, "pos", 0))
+        return [
+            {
+                "type": "json_invalid",
+                "loc": where,
+                "msg": "JSON decode error",
+                "ctx": {"error": message},
+            }
+        ]
+    try:
+        adapter.validate_python(value, from_attributes=True)  # as FastAPI validates bodies
+    except ValidationError as python:
+        error = python
+    except RecursionError:
+        pass
+    return [e | {"loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
 
 
 async def _json_body(request: Request) -> bytes:
