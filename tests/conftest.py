@@ -121,6 +121,8 @@ def serve_command(policy: Path, cache_dir: Path, *flags: str) -> list[str]:
         "0",
         "--client-languages",
         "",
+        # One process unless a test asks for more: the default is one per core.
+        *(() if "--workers" in flags else ("--workers", "1")),
         *flags,
     ]
 
