@@ -1,5 +1,6 @@
 """`policy-server ray-config` writes a config that `serve deploy` accepts: checked against Ray
-Serve's own schema, then deployed on a real local Ray cluster and called through its proxy."""
+Serve's own schema, then deployed on a real local Ray cluster and called through its proxy.
+The repository holds two policies, each version its own deployment behind the API ingress."""
 
 import os
 import subprocess
@@ -7,25 +8,35 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import psutil
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, ROOT, free_port
+from policy_server.ray_app import IMPORT_PATH
+from tests.conftest import EXAMPLE_KEY, ROOT, free_port
+from tests.test_ray_backend import LINEAR_BIAS, LINEAR_WEIGHTS, two_policies
 
 BIN = Path(sys.executable).parent
 
 
-def write_config(out: Path, *flags: str) -> dict:
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return two_policies(tmp_path_factory.mktemp("policies"))
+
+
+def write_config(repository: Path, out: Path, *flags: str) -> dict[str, Any]:
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "policy_server.cli",
             "ray-config",
-            str(EXAMPLE),
+            str(repository),
             "--out",
             str(out),
             *flags,
@@ -36,16 +47,23 @@ def write_config(out: Path, *flags: str) -> dict:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    return yaml.safe_load(out.read_text())
+    config: dict[str, Any] = yaml.safe_load(out.read_text())
+    return config
 
 
-def test_config_matches_ray_serve_schema(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "serve.yaml", "--autoscale", "1:4", "--api-key", "secret")
+def test_config_matches_ray_serve_schema(repository: Path, tmp_path: Path) -> None:
+    flags = ("--autoscale", "1:4", "--api-key", "secret", "--admin-key", "admin-secret")
+    config = write_config(repository, tmp_path / "serve.yaml", *flags)
     ServeDeploySchema.model_validate(config)
     [application] = config["applications"]
-    assert application["import_path"] == "policy_server.ray_backend:application"
+    assert application["import_path"] == IMPORT_PATH
     assert application["args"]["autoscale"] == "1:4"
-    assert "secret" not in (tmp_path / "serve.yaml").read_text(), "no key is written"
+    deployments = {d["name"]: d for d in application["deployments"]}
+    assert set(deployments) == {"policy-cartpole-1", "policy-linear-1", "api"}
+    for name in ("policy-cartpole-1", "policy-linear-1"):
+        assert deployments[name]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    text = (tmp_path / "serve.yaml").read_text()
+    assert "secret" not in text and "*****" not in text, "no key is written, not even masked"
 
 
 def stop_cluster(temp_dir: str) -> None:
@@ -59,15 +77,16 @@ def stop_cluster(temp_dir: str) -> None:
     psutil.wait_procs(list(everything), timeout=30)
 
 
-def test_serve_deploy_runs_the_api_on_a_ray_cluster(tmp_path: Path, cache_dir: Path) -> None:
+def test_serve_deploy_runs_both_policies_on_a_ray_cluster(
+    repository: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     http_port, dashboard_port, gcs_port = free_port(), free_port(), free_port()
     config = tmp_path / "serve.yaml"
-    write_config(
+    written = write_config(
+        repository,
         config,
         "--port",
         str(http_port),
-        "--policy-name",
-        "cartpole-cluster",
         "--ray-replica-cpus",
         "0.25",
         "--metrics-port",
@@ -77,6 +96,7 @@ def test_serve_deploy_runs_the_api_on_a_ray_cluster(tmp_path: Path, cache_dir: P
         "--cache-dir",
         str(cache_dir),
     )
+    app_name = written["applications"][0]["name"]
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     env = os.environ | {"HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -118,29 +138,42 @@ def test_serve_deploy_runs_the_api_on_a_ray_cluster(tmp_path: Path, cache_dir: P
         )
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         url = f"http://127.0.0.1:{http_port}"
-        answer = None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                answer = httpx.post(
-                    url + "/predict_raw",
-                    json={"obs": [0.0, 0.0, 0.1, 1.0]},
-                    headers={"access-token": EXAMPLE_KEY},
-                    timeout=10,
-                )
-                if answer.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        assert answer is not None and answer.status_code == 200
-        assert answer.json()["actions"] == [1]
-        assert (
-            httpx.post(
-                url + "/predict_raw", json={"obs": [0.0]}, headers={"access-token": EXAMPLE_KEY}
-            ).status_code
-            == 422
-        )
-        assert httpx.get(url + "/schema").status_code == 403
+        with httpx.Client(base_url=url, headers={"access-token": EXAMPLE_KEY}) as client:
+            check_both_policies(client, app_name)
     finally:
         stop_cluster(temp_dir)
+
+
+def check_both_policies(client: httpx.Client, app_name: str) -> None:
+    first = wait_for_answer(client, "/policies/cartpole/predict_raw", [0.0, 0.0, 0.1, 1.0])
+    assert first.json()["actions"] == [1]
+    assert first.json()["policy"] == "cartpole" and first.json()["version"] == "1"
+    observation = [1.0, -2.0, 0.5]
+    answer = client.post("/policies/linear/distribution", json={"obs": observation})
+    logits = np.array(observation) @ LINEAR_WEIGHTS + LINEAR_BIAS
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(answer.json()["probabilities"][0], expected, rtol=1e-5)
+    assert client.post("/predict_raw", json={"obs": [0.0]}).status_code == 422
+    assert client.get("/schema", headers={"access-token": ""}).status_code == 403
+    for deployment in ("policy-cartpole-1", "policy-linear-1"):
+        title = f"ray::ServeReplica:{app_name}:{deployment}"
+        assert any(
+            " ".join(p.info["cmdline"] or []).startswith(title)
+            for p in psutil.process_iter(["cmdline"])
+        ), f"each version runs as its own deployment: {title}"
+
+
+def wait_for_answer(client: httpx.Client, path: str, observation: list[float]) -> httpx.Response:
+    """The first answer of a freshly deployed application (Serve deploys in the background)."""
+    answer = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            answer = client.post(path, json={"obs": observation}, timeout=10)
+            if answer.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    assert answer is not None and answer.status_code == 200, answer and answer.text
+    return answer

@@ -106,13 +106,15 @@ def generate_clients(settings: Settings, out: Path, languages: list[str]) -> Non
 def write_ray_config(settings: Settings, out: Path) -> None:
     import yaml
 
-    from policy_server.ray_backend import serve_config
+    from policy_server.ray_app import serve_config
 
+    paths = ", ".join(str(path.resolve()) for path in settings.policy_paths)
     header = (
-        f"# Ray Serve config for the policy in {settings.policy_path.resolve()}.\n"
+        f"# Ray Serve config for the policies in {paths}: one deployment per version.\n"
         f"# Deploy on a running Ray cluster (or KubeRay's RayService) with: serve deploy {out}\n"
-        "# The API key is not written here: it comes from schema.yaml or from\n"
-        "# POLICY_SERVER_API_KEY (add it under runtime_env.env_vars).\n"
+        "# No key is written here: the API key comes from schema.yaml or from\n"
+        "# POLICY_SERVER_API_KEY, the admin key from POLICY_SERVER_ADMIN_KEY (add them\n"
+        "# under runtime_env.env_vars).\n"
     )
     out.write_text(header + yaml.safe_dump(serve_config(settings), sort_keys=False))
     print(f"wrote {out}")

@@ -1,7 +1,9 @@
-"""The Ray Serve backend: the same FastAPI app, with each model call sent to a Ray Serve
-deployment. The deployment batches with Ray Serve's own `serve.batch`, using the in-process
-batcher's maximum batch size and wait; sampling stays in the HTTP process, so that every
-backend gives the same distribution.
+"""The Ray Serve backend: each policy version's model calls go to its own Ray Serve deployment.
+
+The deployment batches with Ray Serve's own `serve.batch`, using the policy's maximum batch
+size and wait; sampling stays in the HTTP process, so that every backend gives the same
+distribution. `policy-server serve --backend ray` runs each ready version as its own Serve
+application (`deploy_version`); `ray_app.py` builds the same deployments for `serve deploy`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy.typing as npt
 from policy_server.errors import BackendUnavailable, PolicyLoadError
 from policy_server.registry import PolicyVersion
 from policy_server.runtime.base import ModelOutputs
-from policy_server.settings import Settings
+from policy_server.settings import PolicySettings, Settings
 
 try:
     import ray
@@ -33,17 +37,24 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(name="policy")
 class PolicyDeployment:
-    """One replica: the policy's runtime behind Ray Serve's batching."""
+    """One replica: one policy version's runtime behind Ray Serve's batching."""
 
-    def __init__(self, settings: dict[str, Any], source: dict[str, str]) -> None:
+    def __init__(
+        self, settings: dict[str, Any], source: dict[str, str], policy: dict[str, Any]
+    ) -> None:
         from policy_server.loader import load_folder
 
-        self._settings = Settings.model_validate(settings)
+        server_settings = Settings.model_validate(settings)
+        policy_settings = PolicySettings.model_validate(policy)
         self._runtime = load_folder(
-            Path(source["folder"]), source["name"], source["version"], self._settings
+            Path(source["folder"]),
+            source["name"],
+            source["version"],
+            server_settings,
+            policy_settings,
         ).runtime
-        self.forward.set_max_batch_size(self._settings.max_batch_size)  # type: ignore[attr-defined]
-        wait = self._settings.max_batch_wait_ms / 1000.0
+        self.forward.set_max_batch_size(policy_settings.max_batch_size)  # type: ignore[attr-defined]
+        wait = policy_settings.max_batch_wait_ms / 1000.0
         self.forward.set_batch_wait_timeout_s(wait)  # type: ignore[attr-defined]
         self._replica = serve.get_replica_context().replica_id.unique_id
 
@@ -62,13 +73,13 @@ class PolicyDeployment:
         return answers
 
 
-def deployment_options(settings: Settings) -> dict[str, Any]:
+def deployment_options(settings: Settings, policy: PolicySettings) -> dict[str, Any]:
     """Replicas: a fixed count, or Ray Serve's autoscaling between MIN and MAX."""
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": settings.ray_replica_cpus},
         # Serve's default (5 in flight per replica) would keep serve.batch from ever filling
         # a batch: requests wait in the router instead, and throughput collapses under load.
-        "max_ongoing_requests": max(2 * settings.max_batch_size, 32),
+        "max_ongoing_requests": max(2 * policy.max_batch_size, 32),
     }
     if settings.autoscale:
         low, high = (int(part) for part in settings.autoscale.split(":"))
@@ -78,8 +89,29 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def bind_version(
+    settings: Settings,
+    policy: PolicySettings,
+    name: str,
+    version: str,
+    folder: Path,
+    deployment: str = "policy",
+) -> Any:
+    """One version's deployment, bound to what its replicas load (a Serve `Application`)."""
+    options = deployment_options(settings, policy) | {"name": deployment}
+    source = {"folder": str(folder.resolve()), "name": name, "version": version}
+    return PolicyDeployment.options(**options).bind(  # type: ignore[attr-defined]
+        replica_settings(settings), source, policy.model_dump(mode="json")
+    )
+
+
+def replica_settings(settings: Settings) -> dict[str, Any]:
+    """The settings a replica is built with: no secrets, which it never needs."""
+    return settings.model_dump(mode="json", exclude={"api_key", "admin_key"})
+
+
 class RayForward:
-    """The service's forward pass for one policy, answered by the Ray Serve deployment."""
+    """The service's forward pass for one version, answered by its Ray Serve deployment."""
 
     def __init__(self, handle: Any, application: str | None = None, on_replica: Any = None) -> None:
         self._handle = handle
@@ -107,41 +139,49 @@ _started_ray = False
 _deployed: set[str] = set()
 
 
-def _source(version: PolicyVersion) -> dict[str, str]:
-    return {
-        "folder": str(version.folder.resolve()),
-        "name": version.name,
-        "version": version.version,
-    }
+def application_name(name: str, version: str) -> str:
+    return f"policy-{name}-{version}"
 
 
-def _shared(settings: Settings) -> dict[str, Any]:
-    return settings.model_dump(mode="json", exclude={"api_key", "admin_key"})
-
-
-def application_name(version: PolicyVersion) -> str:
-    return f"policy-{version.name}-{version.version}"
-
-
-async def deploy_version(settings: Settings, version: PolicyVersion, metrics: Any) -> RayForward:
+async def deploy_version(
+    settings: Settings,
+    version: PolicyVersion,
+    metrics: Any,
+    policy: PolicySettings | None = None,
+) -> RayForward:
     """Run one policy version as its own Ray Serve application (a local Ray, or the cluster
-    at --ray-address); its caller removes it again when the version is unloaded."""
-    return await asyncio.to_thread(_deploy, settings, version, metrics)
+    at --ray-address); its caller removes it again when the version is unloaded. `policy`
+    holds the policy's own settings (repository.yaml), the server's by default."""
+    policy = policy or PolicySettings.from_server(settings)
+    caller = await asyncio.to_thread(_deploy, settings, policy, version, metrics)
+    _restore_sigterm_handler()
+    return caller
 
 
-def _deploy(settings: Settings, version: PolicyVersion, metrics: Any) -> RayForward:
+def _restore_sigterm_handler() -> None:
+    """`ray.init` gives SIGTERM to abseil's failure handler, which chains to ours but also
+    aborts the process 3 s later (ray-project/ray#37288), before a graceful shutdown that
+    removes several applications is done. Give SIGTERM back to the handler Python (uvicorn)
+    installed; that is possible only from the main thread, where the event loop runs."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _deploy(
+    settings: Settings, policy: PolicySettings, version: PolicyVersion, metrics: Any
+) -> RayForward:
     global _started_ray
     if not ray.is_initialized():
         address = settings.ray_address or None
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         _started_ray = address is None
     serve.start(proxy_location="Disabled")
-    options = deployment_options(settings)
-    app = PolicyDeployment.options(**options).bind(_shared(settings), _source(version))  # type: ignore[attr-defined]
-    name = application_name(version)
+    app = bind_version(settings, policy, version.name, version.version, version.folder)
+    name = application_name(version.name, version.version)
     handle = serve.run(app, name=name, route_prefix=None)
     _deployed.add(name)
-    logger.info("policy %s/%s deployed on Ray Serve (%s)", version.name, version.version, options)
+    logger.info("policy %s/%s deployed on Ray Serve as %s", version.name, version.version, name)
     return RayForward(handle, name, metrics.replica_observer(version.name))
 
 
@@ -158,76 +198,4 @@ def shutdown(application: str) -> None:
         _started_ray = False
     else:
         serve.delete(application)
-
-
-@serve.deployment(name="api")
-@serve.ingress()
-class ApiIngress:
-    """The HTTP API as a Ray Serve ingress, for `serve deploy` (see `policy-server ray-config`):
-    the same app as `policy-server serve`, built inside the replica around the policy handle."""
-
-    def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
-        self._settings = Settings.model_validate(settings)
-        self._handles = handles
-
-    def __serve_build_asgi_app__(self) -> Any:
-        from policy_server.server import build_app
-        from policy_server.service import ModelCaller, local_caller
-        from policy_server.settings import PolicySettings
-
-        async def callers(version: PolicyVersion, metrics: Any) -> ModelCaller:
-            handle = self._handles.get(f"{version.name}/{version.version}")
-            if handle is None:  # a version that appeared after `serve deploy`: in-process
-                return local_caller(version, PolicySettings.from_server(self._settings))
-            return RayForward(handle, None, metrics.replica_observer(version.name))
-
-        return build_app(self._settings, callers)
-
-
-def application(args: dict[str, Any]) -> Any:
-    """Ray Serve application builder: `import_path: policy_server.ray_backend:application`.
-    One policy deployment per version found in the policy folders, behind one ingress."""
-    from policy_server.repository import Scanner
-
-    settings = Settings.model_validate(args)
-    shared = _shared(settings)
-    scan = Scanner(settings.policy_paths, settings.policy_name).scan()
-    handles = {}
-    for name, versions in scan.versions.items():
-        for source in versions.values():
-            options = deployment_options(settings) | {"name": f"policy-{name}-{source.version}"}
-            folder = {
-                "folder": str(source.folder.resolve()),
-                "name": name,
-                "version": source.version,
-            }
-            handles[f"{name}/{source.version}"] = PolicyDeployment.options(**options).bind(  # type: ignore[attr-defined]
-                shared, folder
-            )
-    return ApiIngress.bind(shared, handles)  # type: ignore[attr-defined]
-
-
-def serve_config(settings: Settings) -> dict[str, Any]:
-    """A config file that `serve deploy` accepts, for a Ray cluster or KubeRay's RayService."""
-    defaults = Settings.model_construct().model_dump(mode="json")
-    skipped = {"api_key", "use_ray", "backend", "ray_address"}  # secrets, and this process's
-    args = {
-        name: value
-        for name, value in settings.model_dump(mode="json", exclude=skipped).items()
-        if value != defaults.get(name)
-    }
-    args["policy_path"] = str(settings.policy_path.resolve())
-    if settings.extra_policy_paths:
-        args["extra_policy_paths"] = [str(p.resolve()) for p in settings.extra_policy_paths]
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": settings.host, "port": settings.port},
-        "applications": [
-            {
-                "name": f"policy-{settings.resolved_policy_name}",
-                "route_prefix": "/",
-                "import_path": "policy_server.ray_backend:application",
-                "args": args,
-            }
-        ],
-    }
+        logger.info("Ray Serve application %s removed", application)
