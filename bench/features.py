@@ -46,6 +46,7 @@ def not_available(flag: str) -> str:
 def measure_c32(server: Server, target: Target, duration: int, path: str = "/predict") -> Load:
     try:
         server.start()
+        server.warm_up()
         return wrk(server.url + path, target.observation, target.key, 32, duration)
     finally:
         server.stop()
@@ -135,6 +136,7 @@ def measure_repository(
         try:
             server.start()
             route = ready_route(server, target, name)
+            server.warm_up(route, target.observation)
             figures["repository_route"] = route
             load = wrk(server.url + route, target.observation, target.key, 32, duration)
             if load.errors:

@@ -50,6 +50,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants, from /proc."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                queue.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
 class Server:
     """A server process on a loopback port; `start` returns seconds until the first 200 (to a
     POST of the probe's body, or a GET where the probe has none)."""
@@ -102,11 +114,24 @@ class Server:
             time.sleep(0.02)
         raise RuntimeError(f"{self.command} did not answer within {timeout}s")
 
+    def warm_up(self, path: str | None = None, body: Any = None, seconds: int = 2) -> None:
+        """Load before a measurement, not measured: each worker process of a server finishes
+        building its app and sessions on its first requests."""
+        command = wrk_command(
+            self.url + (path or self.probe_path), body or self.probe_body, self.key, 32, seconds
+        )
+        subprocess.run(command, capture_output=True, check=False)
+
     def peak_memory_mb(self) -> float:
+        """VmHWM summed over the server's processes (its workers too)."""
         assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(r"VmHWM:\s+(\d+) kB", status)
-        return int(match.group(1)) / 1024 if match else float("nan")
+        total_kb = 0
+        for pid in process_tree(self.process.pid):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                match = re.search(r"VmHWM:\s+(\d+) kB", status)
+                total_kb += int(match.group(1)) if match else 0
+        return total_kb / 1024 if total_kb else float("nan")
 
     def stop(self) -> None:
         if self.process is None:

@@ -49,6 +49,7 @@ def measure_peers(target: Target, cache: Path, duration: int) -> dict[str, Any]:
         server = Server(command, ("/predict", target.observation, target.key))
         try:
             server.start()
+            server.warm_up()
             for count in connections:
                 figures[f"{name}_c{count}"] = wrk(
                     server.url + "/predict", target.observation, target.key, count, duration

@@ -51,8 +51,9 @@ def render_target(name: str, f: dict[str, Any]) -> list[str]:
         f"{batch:,.0f} observations/s, p50 {f['batch'].p50_ms:.1f} ms",
         f"- cold start to the first 200: {f['cold_start_cold_cache_s']:.2f} s with the ONNX cache "
         f"cold (converts with TensorFlow), {f['cold_start_warm_cache_s']:.2f} s warm",
-        f"- peak memory (VmHWM): {f['peak_memory_mb']:.0f} MB for policy-server (ONNX, no "
-        f"TensorFlow), {f['original_peak_memory_mb']:.0f} MB for reference (a)",
+        f"- peak memory (VmHWM, summed over a server's processes): {f['peak_memory_mb']:.0f} "
+        f"MB for policy-server (ONNX, no TensorFlow), {f['original_peak_memory_mb']:.0f} MB "
+        "for reference (a)",
         "",
         "| target | this run | verdict |",
         "|---|---|---|",

@@ -30,6 +30,7 @@ def measure_target(target: Target, duration: int, first: bool) -> dict[str, Any]
     cold.stop()
     server = ours(target, cache)
     figures["cold_start_warm_cache_s"] = server.start()
+    server.warm_up()
     try:
         for connections in (1, 32):
             figures[f"ours_c{connections}"] = wrk(
@@ -61,6 +62,7 @@ def measure_target(target: Target, duration: int, first: bool) -> dict[str, Any]
     }
     for name, reference in references.items():
         reference.start()
+        reference.warm_up()
         try:
             for connections in (1, 32):
                 figures[f"{name}_c{connections}"] = wrk(
@@ -96,6 +98,7 @@ def measure_ray(target: Target, cache: Path, duration: int) -> dict[str, Any]:
     )
     for name, process in (("ours_ray", server), ("original_ray", reference)):
         process.start()
+        process.warm_up()
         try:
             for connections in (1, 32):
                 figures[f"{name}_c{connections}"] = wrk(

@@ -34,6 +34,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         server = ours(target, cache, "--workers", str(count))
         try:
             server.start()
+            server.warm_up()
             for connections in args.connections:
                 load = wrk(
                     server.url + "/predict",

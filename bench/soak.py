@@ -33,7 +33,7 @@ from features import (
     ready_route,
     repository_server,
 )
-from harness import BENCH, OUT, Server, Target, machine, ours, parse_wrk, targets
+from harness import BENCH, OUT, Server, Target, machine, ours, parse_wrk, process_tree, targets
 from report import SOAK
 
 ROUTES = ("predict", "predict_raw", "predict_deterministic", "distribution", "predict_batch")
@@ -110,22 +110,10 @@ def lua_script(requests: list[tuple[str, str, Any]]) -> Path:
     return script
 
 
-def tree(pid: int) -> list[int]:
-    """The process and its descendants, from /proc."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                queue.extend(int(child) for child in (task / "children").read_text().split())
-    return found
-
-
 def sample(pid: int) -> dict[str, float]:
     """Resident memory (MB), open descriptors and threads of the process tree."""
     rss_kb, fds, threads = 0, 0, 0
-    for member in tree(pid):
+    for member in process_tree(pid):
         # A worker may exit between the listing and the reading.
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             status = Path(f"/proc/{member}/status").read_text()
