@@ -81,6 +81,13 @@ class ClientsUnavailable(PolicyServerError):
     code = "clients_unavailable"
 
 
+class InferenceTimeout(PolicyServerError):
+    """The model did not answer within the inference time-out."""
+
+    status_code = 504
+    code = "inference_timeout"
+
+
 class BackendUnavailable(PolicyServerError):
     status_code = 503
     code = "backend_unavailable"

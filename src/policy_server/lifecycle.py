@@ -258,7 +258,7 @@ class PolicyManager:
 
     def _check_key(self, source: VersionSource) -> None:
         """Before the model loads: a policy nobody could call is refused at once."""
-        if self.settings.secret("api_key") or self.settings.no_auth:
+        if self.settings.secret("api_key") or self.settings.api_key_file or self.settings.no_auth:
             return
         if load_schema(source.folder / SCHEMA_NAME).parameters.api_key:
             return

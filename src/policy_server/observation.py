@@ -82,7 +82,9 @@ def _scalar(field_type: FieldType, field: ObservationField) -> Any:
     low = field.minimum if field.minimum is not None else -FLOAT32_MAX
     high = field.maximum if field.maximum is not None else FLOAT32_MAX
     if field_type is FieldType.INT:
-        return Annotated[int, Field(strict=True, ge=int(np.ceil(low)), le=int(np.floor(high)))]
+        # JSON integers are read as int64: the bounds published are the ones accepted.
+        ge, le = max(int(np.ceil(low)), -(2**63)), min(int(np.floor(high)), 2**63 - 1)
+        return Annotated[int, Field(strict=True, ge=ge, le=le)]
     return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
 
 

@@ -48,11 +48,8 @@ def build_app(
         closing.append(log.close)  # after the shadow thread, which writes to it
     service = PolicyService(registry, observers)
     _install_hooks(settings, registry, service, metrics, callers)
-    api_key = settings.secret("api_key")
     keys = KeyRing(
-        [api_key] if api_key else [],
-        settings.secret("admin_key"),
-        settings.no_auth,
+        settings.api_keys, settings.secret("admin_key"), settings.no_auth, settings.api_key_file
     )
     app = create_app(service, manager, settings, keys, metrics, log, closing)
     freeze_garbage()

@@ -7,6 +7,7 @@ masks, chooses actions and hands the result to the observers (metrics, decision 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -21,7 +22,7 @@ import numpy.typing as npt
 
 from policy_server.batching import MicroBatcher
 from policy_server.distribution import ActionDistribution, Actions, Categorical
-from policy_server.errors import InvalidRows, RowError
+from policy_server.errors import InferenceTimeout, InvalidRows, RowError
 from policy_server.registry import PolicyRegistry, PolicyVersion
 from policy_server.runtime.base import ModelOutputs
 from policy_server.settings import PolicySettings
@@ -184,7 +185,14 @@ class PolicyService:
     async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
             await self.attach(version)
-        outputs: ModelOutputs = await version.caller.forward(rows)
+        timeout = self.registry.entry(version.name).settings.inference_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                outputs: ModelOutputs = await version.caller.forward(rows)
+        except TimeoutError:
+            raise InferenceTimeout(
+                f"{version.name} version {version.version} did not answer within {timeout:g} s"
+            ) from None
         return outputs
 
     def _check(

@@ -68,8 +68,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("api_key", "POLICY_SERVER_API_KEY", "API_KEY"),
-        description="API key clients must send as `access-token` (header, query or cookie). "
-        "Overrides `parameters.api_key` of schema.yaml.",
+        description="API key clients must send as `access-token` (header, query or cookie); "
+        "several keys, comma-separated, are all valid. Overrides `parameters.api_key` of "
+        "schema.yaml.",
     )
     no_auth: bool = Field(
         default=False, description="Serve without authentication when no API key is configured."
@@ -177,6 +178,46 @@ class Settings(BaseSettings):
         "them all. Default: the machine's cores; 1 keeps one process. The Ray backend "
         "always uses one.",
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File of API keys, one a line (blank lines and lines starting with # "
+        "are skipped), valid beside --api-key; re-read when it changes, so keys rotate "
+        "without a restart. An unreadable file keeps the keys last read.",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Origins allowed to call the API from a browser (CORS), comma-separated, "
+        "or * for any; empty (the default) sends no CORS headers.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Time a client has to send a request's headers and body, from its first "
+        "byte; a slower request's connection is closed (408 when its headers are incomplete).",
+    )
+    keep_alive_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long an idle connection (a new one, or one between requests) stays "
+        "open. Behind a proxy or load balancer, make it longer than the proxy's own.",
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Most connections open at once (per worker); more are closed at once.",
+    )
+    inference_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a request waits for the model (queueing included); a request "
+        "that waits longer is answered 504.",
+    )
+    graceful_shutdown_s: float = Field(
+        default=25.0,
+        ge=0,
+        description="On SIGTERM the server stops accepting connections and answers the "
+        "requests in flight; after this long it cancels those left and exits.",
+    )
     log_level: str = Field(
         default="info",
         description="Log level: debug, info (one JSON line per request), warning, error.",
@@ -214,6 +255,15 @@ class Settings(BaseSettings):
     def policy_paths(self) -> list[Path]:
         return [self.policy_path, *self.extra_policy_paths]
 
+    @property
+    def api_keys(self) -> list[str]:
+        """The keys of --api-key, which may hold several, comma-separated."""
+        return [key.strip() for key in (self.secret("api_key") or "").split(",") if key.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
     def secret(self, name: str) -> str | None:
         """The value of a SecretStr setting, None when unset or empty."""
         value = getattr(self, name)
@@ -234,6 +284,7 @@ class PolicySettings(BaseModel):
     max_batch_size: int = Field(default=64, ge=1)
     max_batch_wait_ms: float = Field(default=0.0, ge=0)
     max_batch_observations: int = Field(default=10_000, ge=1)
+    inference_timeout_s: float = Field(default=30.0, gt=0)
 
     @classmethod
     def from_server(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> Self:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Security
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -22,6 +23,7 @@ from policy_server.api.docs import install_docs
 from policy_server.api.errors import error_response, install_error_handlers
 from policy_server.api.experience import add_experience_routes
 from policy_server.api.limits import BodySizeLimit
+from policy_server.api.methods import HeadAsGet
 from policy_server.api.observability import RequestObserver
 from policy_server.api.policies import add_policy_routes
 from policy_server.api.routes import Context, build_routes
@@ -109,7 +111,15 @@ def create_app(
     app.router.redirect_slashes = False
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(RequestObserver, metrics=metrics)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "HEAD", "POST", "PUT"],
+            allow_headers=["access-token", "content-type"],
+        )
     app.add_middleware(StripTrailingSlash)
 
     @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')
@@ -128,7 +138,7 @@ def create_app(
 
         add_client_routes(app.router, builder, [Depends(any_policy_key), Security(header_scheme)])
     fixed: list[BaseRoute] = list(app.router.routes)
-    context = Context(service, keys)
+    context = Context(service, keys, settings.max_body_bytes)
 
     def install_routes() -> None:
         app.router.routes = [*fixed, *build_routes(context)]

@@ -1,7 +1,9 @@
-"""API keys: which keys open which policy, checked in the route handlers themselves.
+"""API keys: which keys open which policy, checked in the route handlers themselves, before
+any request body is read.
 
-The server's key (`--api-key` or the environment) opens every policy; without one, each
-policy is opened by the `api_key` of its own schema.yaml. Clients send the key as header
+The server's keys (`--api-key`, several comma-separated, and the lines of `--api-key-file`,
+re-read when the file changes) open every policy; without any, each policy is opened by the
+`api_key` of its own schema.yaml. Clients send the key as header
 `access-token`; a cookie or a query parameter of the same name is accepted as the original
 server did, but only the header is published, since query strings end up in proxy logs.
 """
@@ -10,9 +12,15 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
 
 from policy_server.errors import NotAuthenticated
 from policy_server.registry import PolicyEntry
@@ -50,13 +58,61 @@ def _matches(supplied: bytes, keys: tuple[bytes, ...]) -> bool:
     return found
 
 
+class KeyFile:
+    """The keys of a file, one a line, read again whenever the file changes; a file that
+    cannot be read keeps the keys last read (a rotation should replace it atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self.keys: tuple[bytes, ...] = ()
+        self.current()
+
+    def current(self) -> tuple[bytes, ...]:
+        try:
+            stat = os.stat(self.path)
+            seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if seen != self._seen:
+                self.keys = _key_lines(self.path.read_text(encoding="utf-8"))
+                self._seen = seen
+                logger.info("read %d API key(s) from %s", len(self.keys), self.path)
+        except (OSError, UnicodeDecodeError) as error:
+            if self._seen != _UNREADABLE:
+                self._seen = _UNREADABLE
+                logger.error(
+                    "cannot read the API key file %s (%s): its keys stay", self.path, error
+                )
+        return self.keys
+
+
+_UNREADABLE = (-1, -1, -1)
+
+
+def _key_lines(text: str) -> tuple[bytes, ...]:
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line.encode() for line in lines if line and not line.startswith("#"))
+
+
 class KeyRing:
     warned_query = False
 
-    def __init__(self, server_keys: list[str], admin_key: str | None, no_auth: bool) -> None:
-        self.server_keys = tuple(k.encode() for k in server_keys)
+    def __init__(
+        self,
+        server_keys: list[str],
+        admin_key: str | None,
+        no_auth: bool,
+        key_file: Path | None = None,
+    ) -> None:
+        self._static_keys = tuple(k.encode() for k in server_keys)
+        self.key_file = KeyFile(key_file) if key_file is not None else None
         self.admin_key = admin_key.encode() if admin_key else None
         self.no_auth = no_auth
+
+    @property
+    def server_keys(self) -> tuple[bytes, ...]:
+        if self.key_file is None:
+            return self._static_keys
+        return self._static_keys + self.key_file.current()
 
     def policy_keys(self, entry: PolicyEntry) -> tuple[bytes, ...] | None:
         """The keys that open `entry`; None when it is open to everyone."""
@@ -94,3 +150,25 @@ class KeyRing:
             raise NotAuthenticated(f"missing admin key: send it as header '{TOKEN_NAME}'")
         if self.admin_key is None or not _matches(key.encode(), (self.admin_key,)):
             raise NotAuthenticated("wrong admin key")
+
+
+Check = Callable[[Request], Awaitable[None] | None]
+
+
+def key_first(check: Check) -> type[APIRoute]:
+    """A route class whose `check` runs before FastAPI reads and validates the body, so that
+    a request without a valid key is answered 403 whatever its body."""
+
+    class KeyFirstRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def checked(request: Request) -> Response:
+                done = check(request)
+                if done is not None:
+                    await done
+                return await handler(request)
+
+            return checked
+
+    return KeyFirstRoute

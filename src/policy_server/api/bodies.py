@@ -40,6 +40,7 @@ from policy_server.observation import (
 )
 from policy_server.registry import LoadedPolicy
 from policy_server.service import Episode
+from policy_server.spaces import Box, categorical_sizes
 
 # Union tags in angle brackets, which no field name has: api/errors.py drops them from paths.
 TYPED, RAW, FLAT, ENVELOPE = "<typed>", "<raw>", "<flat>", "<envelope>"
@@ -75,7 +76,8 @@ def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
     return Annotated[union, Discriminator(kind)]
 
 
-def _envelope(name: str, observation: Any) -> type[BaseModel]:
+def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseModel]:
+    mask_row = Annotated[list[MaskValue], Field(max_length=max(sizes, default=0))]
     return create_model(
         name,
         __config__=ConfigDict(extra="forbid"),
@@ -101,7 +103,7 @@ def _envelope(name: str, observation: Any) -> type[BaseModel]:
             ),
         ),
         action_mask=(
-            list[list[MaskValue]] | None,
+            Annotated[list[mask_row], Field(max_length=len(sizes))] | None,
             Field(
                 default=None,
                 description="Per action component, one boolean (or 0/1) per action: false "
@@ -125,24 +127,57 @@ class BodyTypes:
 def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
     """The body types of `policy`, their components named `<prefix>Observation` etc."""
     width = policy.runtime.observation_width
+    sizes = _mask_sizes(policy)
     if prefix:
         typed_model = observation_model(policy.schema, f"{prefix}Observation")
         raw_model = raw_observation_model(width, f"{prefix}RawObservation")
     else:  # the version's own models, which its vectorizer recognises
         typed_model, raw_model = policy.observation_model, policy.raw_model
-    raw = _flat_or_envelope(raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model))
+    raw = _flat_or_envelope(
+        raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model, sizes)
+    )
     vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
-    raw_item = _flat_or_envelope(vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model))
+    raw_item = _flat_or_envelope(vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model, sizes))
     raw_batch = _batch(f"{prefix}RawObservationBatch", raw_item, max_batch, width)
     if typed_model is None:
         return BodyTypes(None, raw, raw, None, raw_batch)
-    typed = _flat_or_envelope(typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model))
+    typed = _flat_or_envelope(
+        typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model, sizes)
+    )
     either_flat = _typed_or_raw(typed_model, raw_model)
     either = _flat_or_envelope(
-        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat)
+        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat, sizes)
     )
     typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
     return BodyTypes(typed, raw, either, typed_batch, raw_batch)
+
+
+def _mask_sizes(policy: LoadedPolicy) -> tuple[int, ...]:
+    space = policy.runtime.action_space
+    return () if isinstance(space, Box) else categorical_sizes(space)
+
+
+# The most bytes one JSON number of a body takes, with its separator and a space: a float's
+# shortest repr is at most 24 characters, an integer as large as float32's maximum 39 digits.
+NUMBER_BYTES = 48
+# An envelope's own fields at their longest: an episode id of 128 characters, each escaped
+# as a surrogate pair (12 bytes), a 19-digit step, and the keys.
+ENVELOPE_BYTES = 128 * 12 + 100
+
+
+def item_bytes(policy: LoadedPolicy) -> int:
+    """The most bytes one batch item can take as JSON without padding: every number at its
+    longest, in an envelope with a full action mask."""
+    names = sum(len(f.name) + 8 for f in policy.schema.observations)
+    mask = 7 * sum(_mask_sizes(policy)) + 4 * len(_mask_sizes(policy))
+    return NUMBER_BYTES * policy.runtime.observation_width + names + ENVELOPE_BYTES + mask
+
+
+def batch_limit(policy: LoadedPolicy, max_observations: int, max_body_bytes: int) -> int:
+    """The most observations a batch may hold: the configured limit, or fewer where that
+    many of the longest observations would not fit the body limit, so that every batch
+    the published limit allows can be sent."""
+    return max(1, min(max_observations, (max_body_bytes - 64) // item_bytes(policy)))
 
 
 def _batch(name: str, item: Any, max_batch: int, width: int | None) -> type[BaseModel]:

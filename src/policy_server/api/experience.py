@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Security
+from fastapi import APIRouter, Body, Path, Security
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 
-from policy_server.api.auth import KeyRing, header_scheme
+from policy_server.api.auth import KeyRing, header_scheme, key_first
 from policy_server.api.errors import ERROR_RESPONSES, _responses
 from policy_server.experience.log import DecisionLog
 from policy_server.registry import PolicyRegistry
@@ -62,12 +62,14 @@ def add_experience_routes(
         if not any(keys.opens(request, entry) for entry in registry.entries()):
             keys.check(request, registry.entry())
 
-    security = [Depends(any_policy_key), Security(header_scheme)]
-    responses = {403: ERROR_RESPONSES[403], 422: ERROR_RESPONSES[422]} | _responses(
+    # The key is checked before the body is read (see `key_first`).
+    keyed = APIRouter(route_class=key_first(any_policy_key))
+    security = [Security(header_scheme)]
+    responses = ERROR_RESPONSES | _responses(
         (503, "The decision log cannot take more now (it failed or is closing)")
     )
 
-    @router.post(
+    @keyed.post(
         "/rewards",
         operation_id="addRewards",
         tags=["experience"],
@@ -83,7 +85,7 @@ def add_experience_routes(
         joined = sum(r["status"] == "joined" for r in results)
         return RewardsAnswer(joined=joined, unknown=len(results) - joined, results=results)  # type: ignore[arg-type]
 
-    @router.post(
+    @keyed.post(
         "/episodes/{episode_id}/end",
         operation_id="endEpisode",
         tags=["experience"],
@@ -99,3 +101,5 @@ def add_experience_routes(
         end = end or EpisodeEnd()
         service.end_episode(episode_id)
         return await log.end_episode(episode_id, end.terminated, end.truncated)
+
+    router.include_router(keyed)

@@ -1,7 +1,11 @@
-"""Refuse request bodies over a size limit before they are read into memory.
+"""Refuse request bodies over a size limit, or in an encoding the server does not read,
+before they are read into memory.
 
-FastAPI's own `max_body_size` answers an oversized Content-Length in plain text; this keeps
-the one JSON error shape for every error the server returns.
+The refusal is raised when the handler first reads the body, never earlier: every route
+checks the API key before it reads its body, so a client without a key learns nothing but
+403 (not the size limit, nor whether its body would have been read). FastAPI's own
+`max_body_size` answers an oversized Content-Length in plain text; this keeps the one JSON
+error shape for every error the server returns.
 """
 
 from __future__ import annotations
@@ -9,11 +13,14 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from policy_server.api.errors import error_response
+# Bodies are read as they come; a compressed body would be a decompression bomb waiting
+# for a limit of its own, and policy observations are small.
+IDENTITY = (b"", b"identity")
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware: checks Content-Length, then counts the bytes really streamed."""
+    """Pure ASGI middleware: checks Content-Length and Content-Encoding, then counts the
+    bytes really streamed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -24,20 +31,32 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = error_response(413, "payload_too_large", self.message)
-            await response(scope, receive, send)
-            return
+        refusal = self._refusal(scope)
         received = 0
 
         async def limited() -> Message:
             nonlocal received
+            if refusal is not None:
+                # FastAPI re-raises HTTPException from body reading; our handler renders it.
+                raise refusal
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                # FastAPI re-raises HTTPException from body reading; our handler renders it.
-                raise HTTPException(413, self.message)
+                raise HTTPException(413, self.message, {"connection": "close"})
             return message
 
         await self.app(scope, limited, send)
+
+    def _refusal(self, scope: Scope) -> HTTPException | None:
+        headers = dict(scope["headers"])
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding not in IDENTITY:
+            return HTTPException(
+                415,
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not accepted: send "
+                "the body uncompressed",
+            )
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return HTTPException(413, self.message, {"connection": "close"})
+        return None

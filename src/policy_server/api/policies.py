@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Security
+from fastapi import APIRouter, Body, Security
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from policy_server.api.auth import KeyRing, header_scheme
+from policy_server.api.auth import KeyRing, header_scheme, key_first
 from policy_server.api.errors import ERROR_RESPONSES, POLICY_RESPONSES
 from policy_server.api.models import PolicyList, PolicyListing, VersionInfo
 from policy_server.api.routes import json_response
@@ -95,12 +95,11 @@ def add_policy_routes(
     if keys.admin_key is None:
         return
 
-    async def require_admin(request: Request) -> None:
-        keys.check_admin(request)
+    # The admin key is checked before the body is read (see `key_first`).
+    admin_router = APIRouter(route_class=key_first(keys.check_admin))
+    admin = security
 
-    admin = [Depends(require_admin), *security]
-
-    @router.post(
+    @admin_router.post(
         "/admin/reload",
         operation_id="adminReload",
         tags=["admin"],
@@ -112,13 +111,13 @@ def add_policy_routes(
         report = await manager.reload()
         return json_response(report.as_dict())
 
-    @router.put(
+    @admin_router.put(
         "/admin/policies/{name}/traffic",
         operation_id="adminSetTraffic",
         tags=["admin"],
         summary="Set the traffic weights and the shadow version of a policy",
         response_model=PolicyListing,
-        responses={403: ERROR_RESPONSES[403], 404: POLICY_RESPONSES[404]},
+        responses=ERROR_RESPONSES | {404: POLICY_RESPONSES[404]},
         dependencies=admin,
     )
     async def set_traffic(name: str, change: Annotated[TrafficChange, Body()]) -> Any:
@@ -128,3 +127,5 @@ def add_policy_routes(
             raise PolicyNotFound(str(error)) from None
         manager.changed()
         return json_response(listing(registry, entry).model_dump())
+
+    router.include_router(admin_router)

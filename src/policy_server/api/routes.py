@@ -27,6 +27,7 @@ from starlette.responses import Response
 from policy_server.api.auth import KeyRing, header_scheme
 from policy_server.api.bodies import (
     Parsed,
+    batch_limit,
     body_types,
     flat_rows,
     rows_of,
@@ -34,7 +35,12 @@ from policy_server.api.bodies import (
     unwrap,
     validators,
 )
-from policy_server.api.errors import ERROR_RESPONSES, POLICY_RESPONSES
+from policy_server.api.errors import (
+    ERROR_RESPONSES,
+    POLICY_RESPONSES,
+    TIMEOUT_RESPONSES,
+    body_limit_responses,
+)
 from policy_server.api.models import (
     FieldInfo,
     PolicyInfo,
@@ -125,10 +131,22 @@ class PolicyRoute(APIRoute):
 class Context:
     service: PolicyService
     keys: KeyRing
+    max_body_bytes: int = 8 * 1024**2
 
     @property
     def registry(self) -> PolicyRegistry:
         return self.service.registry
+
+
+@dataclass(frozen=True)
+class BatchLimit:
+    """A policy's configured batch limit, lowered where the body limit would not take it."""
+
+    max_observations: int
+    max_body_bytes: int
+
+    def of(self, policy: LoadedPolicy) -> int:
+        return batch_limit(policy, self.max_observations, self.max_body_bytes)
 
 
 @dataclass(frozen=True)
@@ -202,8 +220,10 @@ def _routes_of(
 ) -> list[PolicyRoute]:
     key = (rs.policy, rs.prefix)
     if key not in models:
-        models[key] = _docs_models(policy, rs.prefix, entry.settings.max_batch_observations)
+        limit = BatchLimit(entry.settings.max_batch_observations, context.max_body_bytes)
+        models[key] = _docs_models(policy, rs.prefix, limit.of(policy))
     types, responses = models[key]
+    errors = body_limit_responses(context.max_body_bytes) | POLICY_RESPONSES | TIMEOUT_RESPONSES
     dependencies = [Security(header_scheme)] if context.keys.policy_keys(entry) is not None else []
     routes = []
     for pinned in (False, True):
@@ -224,7 +244,7 @@ def _routes_of(
                     summary=operation.summary,
                     tags=[rs.tag],
                     response_model=responses[operation.mode if not operation.batch else "batch"],
-                    responses=ERROR_RESPONSES | POLICY_RESPONSES,
+                    responses=errors,
                     dependencies=dependencies,
                 )
             )
@@ -334,7 +354,7 @@ class PredictionHandler(_Handler):
         seed = _seed(request) if operation.seeded else None
         body = await _json_body(request)
         reference = pinned or entry.primary or entry.route(None)
-        limit = entry.settings.max_batch_observations
+        limit = BatchLimit(entry.settings.max_batch_observations, self.context.max_body_bytes)
         parsed = _parse(reference.loaded, operation, body, limit)
         if operation.mode == "distribution":
             return await self._distribution(request, entry, pinned, parsed, body, limit)
@@ -405,7 +425,7 @@ class PredictionHandler(_Handler):
         pinned: PolicyVersion | None,
         parsed: Parsed,
         body: bytes,
-        limit: int,
+        limit: BatchLimit,
     ) -> Response:
         version = pinned or entry.route(parsed.episode_id)
         if not same_layout((pinned or entry.primary or version).loaded, version.loaded):
@@ -428,8 +448,8 @@ def _pick(values: list[Any] | None, indices: list[int], whole: bool) -> list[Any
     return [values[i] for i in indices]
 
 
-def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: int) -> Parsed:
-    checks = validators(policy, limit)
+def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: BatchLimit) -> Parsed:
+    checks = validators(policy, limit.of(policy))
     flat = checks.flat_batch(operation.kind, body)
     if flat is not None:
         return Parsed([], None, None, rows=flat_rows(policy, operation.kind, flat))
