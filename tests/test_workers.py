@@ -34,6 +34,7 @@ OBSERVATION = {
 }
 # Waiting for what the server does in the background: generous, never a measure of speed.
 PATIENCE_S = 60.0
+TRAFFIC_CHANGE = {"traffic": {"1": 1.0}, "shadow": "2"}
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Workers:
         )
         assert response.status_code == 200, response.text
         return response
+
+    def policies(self) -> httpx.Response:
+        return httpx.get(self.server.url + "/policies", headers=self.server.headers)
 
     def metrics(self) -> dict[str, float]:
         found = {}
@@ -151,25 +155,21 @@ def test_admin_reload_and_traffic_reach_every_worker(workers: Workers) -> None:
     reload = httpx.post(workers.server.url + "/admin/reload", headers=admin)
     assert reload.status_code == 200 and reload.json()["loaded"] == ["cartpole/2"]
 
-    def listing() -> httpx.Response:
-        return httpx.get(workers.server.url + "/policies", headers=workers.server.headers)
-
     def versions(response: httpx.Response) -> list[str]:
         entry = response.json()["policies"][0]
         return [v["version"] for v in entry["versions"] if v["state"] == "ready"]
 
-    from_every_worker(listing, lambda response: sorted(versions(response)) == ["1", "2"])
-    change = {"traffic": {"1": 1.0}, "shadow": "2"}
+    from_every_worker(workers.policies, lambda response: sorted(versions(response)) == ["1", "2"])
     put = httpx.put(
-        workers.server.url + "/admin/policies/cartpole/traffic", json=change, headers=admin
+        workers.server.url + "/admin/policies/cartpole/traffic", json=TRAFFIC_CHANGE, headers=admin
     )
     assert put.status_code == 200, put.text
-    from_every_worker(listing, lambda response: _follows(response, change))
+    from_every_worker(workers.policies, _follows_traffic_change)
 
 
-def _follows(response: httpx.Response, change: dict[str, object]) -> bool:
+def _follows_traffic_change(response: httpx.Response) -> bool:
     entry = response.json()["policies"][0]
-    return bool(entry["traffic"] == change["traffic"] and entry["shadow"] == change["shadow"])
+    return {"traffic": entry["traffic"], "shadow": entry["shadow"]} == TRAFFIC_CHANGE
 
 
 def test_a_killed_worker_is_replaced_and_counted(workers: Workers) -> None:
@@ -183,12 +183,8 @@ def test_a_killed_worker_is_replaced_and_counted(workers: Workers) -> None:
         values = workers.metrics()
     assert values["policy_server_workers_replaced_total"] == 1
 
-    def listing() -> httpx.Response:
-        return httpx.get(workers.server.url + "/policies", headers=workers.server.headers)
-
     # The replacement takes the dead worker's index, and the admin changes made before it.
-    change = {"traffic": {"1": 1.0}, "shadow": "2"}
-    from_every_worker(listing, lambda response: _follows(response, change))
+    from_every_worker(workers.policies, _follows_traffic_change)
     now = worker_pids(workers.metrics())
     assert killed not in now and len(now) == WORKERS
 

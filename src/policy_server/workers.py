@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from policy_server.errors import PolicyLoadError, PolicyNotFound
 from policy_server.lifecycle import PolicyManager, ReloadReport
@@ -57,6 +57,7 @@ from policy_server.settings import Settings
 logger = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL_S = 1.0
+HEALTHCHECK_TIMEOUT_S = 30
 Traffic = tuple[dict[str, float] | None, str | None]
 
 
@@ -289,13 +290,32 @@ class WorkerConfig(uvicorn.Config):
 
 
 class Supervisor(Multiprocess):
-    """uvicorn's supervisor, which also counts replaced workers and forgets their gauges."""
+    """uvicorn's supervisor, which also starts the first worker alone, counts replaced
+    workers and forgets their gauges."""
 
     def __init__(self, config: WorkerConfig, run: RunFolder) -> None:
         super().__init__(config, [config.bind_socket()])
         self.run_folder = run
         self.replaced = 0
         self._known: set[int] = set()
+
+    def init_processes(self) -> None:
+        """The first worker extracts the archives and converts the models to ONNX into the
+        cache; the others start once it serves, and read the cache instead of each running
+        TensorFlow at once. A broken policy is thus also reported once."""
+        first = Process(self.config, self.sockets)
+        first.start()
+        self.processes.append(first)
+        while first.process.is_alive() and not self.signal_queue:
+            if first.is_ready(timeout=1):
+                break
+            time.sleep(0.1)
+        if self.signal_queue or first.exitcode == STARTUP_FAILURE:
+            return  # the supervisor's loop stops
+        for _ in range(self.processes_num - 1):
+            process = Process(self.config, self.sockets)
+            process.start()
+            self.processes.append(process)
 
     def keep_subprocess_alive(self) -> None:
         before = self._pids()
@@ -355,6 +375,10 @@ def serve_workers(settings: Settings) -> None:
             log_level=settings.log_level,
             log_config=None,
             access_log=False,
+            # uvicorn replaces a worker that does not answer its health check in time; 5 s
+            # (its default) kills workers still importing on a busy machine. 30 s, as
+            # gunicorn's worker timeout.
+            timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S,
         )
         supervisor = Supervisor(config, run)
         stop_metrics = (
