@@ -12,7 +12,7 @@ EXAMPLE ?= examples/cartpole
 # pytest-xdist workers; the slow suites share one server per module.
 WORKERS ?= 2
 
-.PHONY: install serve test lint bench example clean system-bench system-test
+.PHONY: install serve ui test lint bench soak example clean system-bench system-test
 
 # What the suite needs from Debian's packages, as command:package; installed where missing.
 TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium
@@ -28,12 +28,20 @@ $(BIN)/.stamp-serve: pyproject.toml $(BIN)/.stamp-venv
 
 $(BIN)/.stamp-install: pyproject.toml $(BIN)/.stamp-venv
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
-	touch $@ $(BIN)/.stamp-serve
+	touch $@ $(BIN)/.stamp-serve $(BIN)/.stamp-ui
 
 install: $(BIN)/.stamp-install
 
 serve: $(BIN)/.stamp-serve
 	$(BIN)/policy-server serve $(EXAMPLE) --host $(HOST) --port $(PORT)
+
+$(BIN)/.stamp-ui: pyproject.toml $(BIN)/.stamp-venv
+	$(BIN)/pip install --quiet -e ".[ui]"
+	touch $@
+
+# The demo page, on :8501; it talks to the server `make serve` runs.
+ui: $(BIN)/.stamp-ui
+	$(BIN)/streamlit run frontend.py
 
 lint: install
 	$(BIN)/ruff check .
@@ -57,6 +65,11 @@ system-bench:
 bench: install system-bench
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/components.py
+
+# Minutes of mixed traffic with a reload in the middle, watching memory, descriptors and
+# threads; not part of `make test`. Its figures go to bench/RESULTS.md.
+soak: install system-bench
+	$(BIN)/python bench/soak.py
 
 example: install
 	$(BIN)/python examples/make_cartpole.py --out $(EXAMPLE)

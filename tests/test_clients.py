@@ -26,10 +26,11 @@ CLIENT_SCRIPT = """
 import json, sys
 import policy_client
 from policy_client.models.observation import Observation
+from policy_client.models.predict_request import PredictRequest
 
 url, key = sys.argv[1], sys.argv[2]
-observation = Observation(
-    cart_position=0.0, cart_velocity=0.0, pole_angle=0.1, pole_angular_velocity=0.5
+observation = PredictRequest(
+    Observation(cart_position=0.0, cart_velocity=0.0, pole_angle=0.1, pole_angular_velocity=0.5)
 )
 
 def api(token):
