@@ -190,8 +190,9 @@ def test_kill_9_in_sync_mode_loses_no_acknowledged_decision_and_rewards_join_aft
         assert wait_for_exit(s) == -signal.SIGKILL
     assert_all_logged(load, log)
 
+    by_age = ("--decision-log-rotate-s", "1")
     with (
-        serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags) as server,
+        serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags, *by_age) as server,
         server.client() as http,
     ):
         rewards = [{"decision_id": i, "reward": 1.0} for i in load.acknowledged]
@@ -202,7 +203,9 @@ def test_kill_9_in_sync_mode_loses_no_acknowledged_decision_and_rewards_join_aft
             "episode_id": "never-seen",
             "status": "unknown_episode",
         }
-    assert not [path for _, _, path in list_streams(log) if path.suffix == ".jsonl"]
+        # The killed run's files were recovered at start; the new ones are rotated by age
+        # while the server idles.
+        assert eventually(lambda: not uncompressed(log)), uncompressed(log)
 
     rows = export(log, tmp_path / "rllib", "rllib")
     mine = [row for row in rows if row["eps_id"] == "after-restart"]
@@ -215,6 +218,19 @@ def test_kill_9_in_sync_mode_loses_no_acknowledged_decision_and_rewards_join_aft
     assert [len(e) for e in chunks] == [1, 1, 1]
     assert [e.is_terminated for e in chunks] == [False, False, True]
     assert sum(e.get_return() for e in chunks) == 3.5
+
+
+def uncompressed(log: Path) -> list[Path]:
+    return [path for _, _, path in list_streams(log) if path.suffix == ".jsonl"]
+
+
+def eventually(condition: Callable[[], bool]) -> bool:
+    """Poll a condition that a server thread makes true in its own time."""
+    for _ in range(300):
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def play_episode(http: httpx.Client, episode: str, rewards: list[float]) -> list[dict[str, Any]]:
@@ -305,13 +321,8 @@ def metric_values(url: str) -> dict[str, float]:
     }
 
 
-def wait_for_metrics(url: str, expected: dict[str, float]) -> dict[str, float]:
-    """The writer counts a group once it is written, after the answer: poll until it has."""
-    for _ in range(300):
-        values = metric_values(url)
-        if all(values.get(name) == value for name, value in expected.items()):
-            break
-        time.sleep(0.1)
+def metrics_now(url: str, expected: dict[str, float]) -> dict[str, float]:
+    values = metric_values(url)
     return {name: values.get(name, float("nan")) for name in expected}
 
 
@@ -354,7 +365,9 @@ def test_bandit_rewards_over_http_join_across_a_restart_export_and_evaluate(
             "policy_server_decisions_awaiting_reward": 1,
         }
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        assert wait_for_metrics(metrics_url, expected) == expected
+        # The writer counts a group once it is written, after the answer.
+        eventually(lambda: metrics_now(metrics_url, expected) == expected)
+        assert metrics_now(metrics_url, expected) == expected
     with (
         serving(logging, cache_dir, tmp_path, BANDIT_KEY, *flags) as server,
         server.client() as http,
@@ -400,3 +413,40 @@ def check_dsjson(events: list[dict[str, Any]], rounds: list[Round]) -> None:
             parser.finish_example(examples)
     finally:
         parser.finish()
+
+
+STEPS = 6
+EPISODES = 8
+
+
+async def episode_without_steps(server: RunningServer, episode: str) -> list[int]:
+    """An episode whose steps the server counts, each request on a new connection."""
+    steps = []
+    body = {"observation": OBSERVATION, "episode_id": episode}
+    for _ in range(STEPS):
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+            steps.append((await http.post("/predict", json=body)).json()["step"])
+    return steps
+
+
+async def episodes_without_steps(server: RunningServer) -> list[list[int]]:
+    return await asyncio.gather(*(episode_without_steps(server, f"e{i}") for i in range(EPISODES)))
+
+
+@pytest.mark.xfail(
+    reason="the service counts an episode's steps per process (PolicyService._step): under "
+    "--workers the count restarts in each worker, and the log holds repeated steps",
+    strict=False,
+)
+def test_steps_the_server_counts_follow_each_other_across_workers(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    flags = ("--decision-log", str(log), "--workers", "2")
+    with serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags) as server:
+        answered = asyncio.run(episodes_without_steps(server))
+    logged: dict[str, list[int]] = {}
+    for record in decisions_in(log).values():
+        logged.setdefault(record["episode_id"], []).append(record["step"])
+    assert answered == [list(range(STEPS))] * EPISODES
+    assert all(sorted(steps) == list(range(STEPS)) for steps in logged.values())
