@@ -149,13 +149,17 @@ def kill_9(server: RunningServer) -> None:
     psutil.wait_procs(workers, timeout=30)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+# Two workers with a queue of 2 records: callers also wait for room while the server drains.
+@pytest.mark.parametrize(("workers", "queue"), [("1", "10000"), ("2", "2")])
 def test_sigterm_under_load_loses_no_acknowledged_decision(
-    cache_dir: Path, tmp_path: Path, workers: str
+    cache_dir: Path, tmp_path: Path, workers: str, queue: str
 ) -> None:
     log = tmp_path / "log"
-    flags = ("--decision-log", str(log), "--decision-log-rotate-mb", ROTATE_MB)
-    with serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags, "--workers", workers) as server:
+    flags = (
+        *("--decision-log", str(log), "--decision-log-rotate-mb", ROTATE_MB),
+        *("--workers", workers, "--decision-log-queue", queue),
+    )
+    with serving(EXAMPLE, cache_dir, tmp_path, EXAMPLE_KEY, *flags) as server:
         load = asyncio.run(load_then_signal(server, sigterm))
         # uvicorn shuts down cleanly, then re-raises the signal it caught.
         assert wait_for_exit(server) in (0, -signal.SIGTERM)
