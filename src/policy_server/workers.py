@@ -47,6 +47,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from policy_server.errors import PolicyLoadError, PolicyNotFound
+from policy_server.http import uvicorn_options
 from policy_server.lifecycle import PolicyManager, ReloadReport
 from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
@@ -379,6 +380,7 @@ def serve_workers(settings: Settings) -> None:
             # (its default) kills workers still importing on a busy machine. 30 s, as
             # gunicorn's worker timeout.
             timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S,
+            **uvicorn_options(settings),
         )
         supervisor = Supervisor(config, run)
         stop_metrics = (
