@@ -26,7 +26,11 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return two_policies(tmp_path_factory.mktemp("policies"))
+    root = two_policies(tmp_path_factory.mktemp("policies"))
+    (root / "repository.yaml").write_text(
+        "policies:\n  linear:\n    settings: {max_batch_size: 100}\n"
+    )
+    return root
 
 
 def write_config(repository: Path, out: Path, *flags: str) -> dict[str, Any]:
@@ -62,6 +66,9 @@ def test_config_matches_ray_serve_schema(repository: Path, tmp_path: Path) -> No
     assert set(deployments) == {"policy-cartpole-1", "policy-linear-1", "api"}
     for name in ("policy-cartpole-1", "policy-linear-1"):
         assert deployments[name]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    # Room for two batches in flight per replica, at each policy's own batch size.
+    assert deployments["policy-cartpole-1"]["max_ongoing_requests"] == 2 * 64
+    assert deployments["policy-linear-1"]["max_ongoing_requests"] == 2 * 100
     text = (tmp_path / "serve.yaml").read_text()
     assert "secret" not in text and "*****" not in text, "no key is written, not even masked"
 

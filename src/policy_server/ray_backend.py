@@ -176,7 +176,7 @@ def _deploy(
         address = settings.ray_address or None
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         _started_ray = address is None
-    serve.start(proxy_location="Disabled")
+        serve.start(proxy_location="Disabled")  # handles only: the HTTP API is ours
     app = bind_version(settings, policy, version.name, version.version, version.folder)
     name = application_name(version.name, version.version)
     handle = serve.run(app, name=name, route_prefix=None)
