@@ -122,7 +122,7 @@ def _missing(label: str, note: str, columns: int) -> str:
 PEERS = (
     ("bare_c32", "bare ASGI constant (`references/bare_asgi.py`)"),
     ("ceiling_c32", "FastAPI + pydantic constant (reference (b))"),
-    ("ours_c32", "policy-server"),
+    ("ours_c32", "policy-server (default `--workers`: one per core)"),
     ("litserve_c32", "LitServe, same ONNX model and work"),
     ("rayserve_c32", "Ray Serve (FastAPI ingress, HTTP proxy), same ONNX model and work"),
 )
