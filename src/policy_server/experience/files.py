@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import itertools
 import logging
 import os
 import queue
@@ -48,18 +49,21 @@ def lock_worker(directory: Path, worker: str, wait: float = 0.0) -> IO[bytes]:
     """
     handle = _lock_path(directory, worker).open("ab")
     deadline = time.monotonic() + wait
-    while True:
+    for attempt in itertools.count():
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             return handle
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                handle.close()
-                raise RuntimeError(
-                    f"{directory}: another process is logging as worker {worker!r}; give "
-                    "each process its own worker name"
-                ) from None
+                break
+            if attempt == 0:
+                logger.info("%s: waiting up to %.0fs for worker %r's lock", directory, wait, worker)
             time.sleep(0.05)
+    handle.close()
+    raise RuntimeError(
+        f"{directory}: another process is logging as worker {worker!r}; give each process its "
+        "own worker name"
+    )
 
 
 def other_workers(directory: Path, worker: str) -> bool:
