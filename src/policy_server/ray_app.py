@@ -15,6 +15,7 @@ from policy_server.ray_backend import (
     bind_version,
     deployment_options,
     replica_settings,
+    serve_name,
 )
 from policy_server.registry import PolicyVersion
 from policy_server.repository import Scan, Scanner
@@ -53,10 +54,6 @@ class ApiIngress:
         return build_app(self._settings, callers)
 
 
-def deployment_name(name: str, version: str) -> str:
-    return f"policy-{name}-{version}"
-
-
 def _policy_settings(settings: Settings, scan: Scan, name: str) -> PolicySettings:
     config = scan.config.policies.get(name)
     return PolicySettings.from_server(settings, config.settings if config else None)
@@ -71,7 +68,7 @@ def application(args: dict[str, Any]) -> Any:
     for name, versions in scan.versions.items():
         policy = _policy_settings(settings, scan, name)
         for source in versions.values():
-            deployment = deployment_name(name, source.version)
+            deployment = serve_name(name, source.version)
             handles[f"{name}/{source.version}"] = bind_version(
                 settings, policy, name, source.version, source.folder, deployment
             )
@@ -93,7 +90,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
         args["extra_policy_paths"] = [str(p.resolve()) for p in settings.extra_policy_paths]
     scan = Scanner(settings.policy_paths, settings.policy_name).scan()
     deployments = [
-        {"name": deployment_name(name, version)}
+        {"name": serve_name(name, version)}
         | deployment_options(settings, _policy_settings(settings, scan, name))
         for name, versions in scan.versions.items()
         for version in versions

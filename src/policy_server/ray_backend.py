@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -59,16 +58,14 @@ class PolicyDeployment:
         self._replica = serve.get_replica_context().replica_id.unique_id
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def forward(
-        self, requests: list[npt.NDArray[np.float32]]
-    ) -> list[tuple[Any, Any, str, int]]:
+    async def forward(self, requests: list[npt.NDArray[np.float32]]) -> list[tuple[Any, Any, str]]:
         rows = requests[0] if len(requests) == 1 else np.concatenate(requests)
         outputs = self._runtime.forward(rows)
         answers, start = [], 0
         for request in requests:
             end = start + len(request)
             value = None if outputs.value is None else outputs.value[start:end]
-            answers.append((outputs.logits[start:end], value, self._replica, os.getpid()))
+            answers.append((outputs.logits[start:end], value, self._replica))
             start = end
         return answers
 
@@ -120,7 +117,7 @@ class RayForward:
 
     async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         try:
-            logits, value, replica, _ = await self._handle.forward.remote(rows)
+            logits, value, replica = await self._handle.forward.remote(rows)
         except Exception as error:  # a replica died or is restarting: ask the client to retry
             logger.warning("Ray Serve request failed: %s", error)
             raise BackendUnavailable(
@@ -139,7 +136,9 @@ _started_ray = False
 _deployed: set[str] = set()
 
 
-def application_name(name: str, version: str) -> str:
+def serve_name(name: str, version: str) -> str:
+    """What a version is called in Ray Serve: its application here, its deployment in the
+    `serve deploy` application."""
     return f"policy-{name}-{version}"
 
 
@@ -178,7 +177,7 @@ def _deploy(
         _started_ray = address is None
         serve.start(proxy_location="Disabled")  # handles only: the HTTP API is ours
     app = bind_version(settings, policy, version.name, version.version, version.folder)
-    name = application_name(version.name, version.version)
+    name = serve_name(version.name, version.version)
     handle = serve.run(app, name=name, route_prefix=None)
     _deployed.add(name)
     logger.info("policy %s/%s deployed on Ray Serve as %s", version.name, version.version, name)
