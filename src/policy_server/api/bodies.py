@@ -44,7 +44,8 @@ from policy_server.spaces import Box, categorical_sizes
 
 # Union tags in angle brackets, which no field name has: api/errors.py drops them from paths.
 TYPED, RAW, FLAT, ENVELOPE = "<typed>", "<raw>", "<flat>", "<envelope>"
-MaskValue = Annotated[bool, Field(strict=True)] | Literal[0, 1]
+# One type, not a union: an error names the value, not a union member.
+MaskValue = Literal[0, 1, True, False]
 
 
 def _is_envelope(body: Any) -> bool:
@@ -299,7 +300,7 @@ def rows_of(
     policy: LoadedPolicy, observations: Sequence[Any], raw_model: type[BaseModel] | None = None
 ) -> npt.NDArray[np.float32]:
     """Model input rows: typed observations, `{"obs": [...]}` bodies or plain vectors."""
-    if observations and isinstance(observations[0], list):
+    if any(isinstance(o, list) for o in observations):  # a raw batch: vectors, envelopes
         vectors = [o if isinstance(o, list) else o.obs for o in observations]
         return np.asarray(vectors, dtype=np.float32)
     rows = policy.vectorizer.rows(observations, raw_model or policy.raw_model)
