@@ -1,7 +1,10 @@
 """Prometheus metrics on their own port and JSON request logs, on a real server."""
 
 import json
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -37,12 +40,12 @@ def test_metrics_count_requests_batches_and_actions(
         version = client.get("/schema").json()["version"]
     text = httpx.get(metrics_url).text
     values = samples(text)
-    answered = f'policy="cartpole",route="/predict",status="200",version="{version}"'
-    assert values[f'policy_server_requests_total{{method="POST",{answered}}}'] == 10
-    refused = 'policy="",route="/predict",status="422",version=""'
-    assert values[f'policy_server_requests_total{{method="POST",{refused}}}'] == 1
-    unmatched = 'policy="",route="unmatched",status="404",version=""'
-    assert values[f'policy_server_requests_total{{method="GET",{unmatched}}}'] == 1
+    answered = f'policy="cartpole",route="/predict",version="{version}"'
+    assert values[f'policy_server_requests_total{{code="200",method="POST",{answered}}}'] == 10
+    refused = 'policy="",route="/predict",version=""'
+    assert values[f'policy_server_requests_total{{code="422",method="POST",{refused}}}'] == 1
+    unmatched = 'policy="",route="unmatched",version=""'
+    assert values[f'policy_server_requests_total{{code="404",method="GET",{unmatched}}}'] == 1
     ours = f'policy="cartpole",version="{version}"'
     timed = f'policy="cartpole",route="/predict",version="{version}"'
     assert values[f"policy_server_request_duration_seconds_count{{{timed}}}"] == 10
@@ -81,3 +84,53 @@ def test_one_json_line_per_request_without_the_key(
     assert mine[0]["route"] == "/predict" and mine[0]["status"] == 200
     assert mine[0]["policy"] == "cartpole" and mine[0]["latency_ms"] > 0
     assert EXAMPLE_KEY not in server.output()
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+def test_requests_in_flight_are_counted_while_they_are_handled(
+    example_with_metrics: tuple[RunningServer, str],
+) -> None:
+    server, metrics_url = example_with_metrics
+    release = threading.Event()
+
+    def body() -> Iterator[bytes]:  # a client that sends half its body, then waits
+        yield b'{"cart_position": 0.0, "cart_velocity": 0.0,'
+        release.wait(60)
+        yield b' "pole_angle": 0.2, "pole_angular_velocity": 1.0}'
+
+    def in_flight() -> float:
+        return samples(httpx.get(metrics_url).text)["policy_server_requests_in_flight"]
+
+    with ThreadPoolExecutor(1) as pool, server.client() as client:
+        answer = pool.submit(client.post, "/predict", content=body())
+        wait_for(lambda: in_flight() == 1)
+        release.set()
+        assert answer.result().status_code == 200
+    wait_for(lambda: in_flight() == 0)
+
+
+def test_process_and_python_metrics_are_exported(
+    example_with_metrics: tuple[RunningServer, str],
+) -> None:
+    _, metrics_url = example_with_metrics
+    values = samples(httpx.get(metrics_url).text)
+    assert values["process_resident_memory_bytes"] > 0
+    assert values["process_open_fds"] > 0 and "process_cpu_seconds_total" in values
+    assert any(name.startswith("python_info{") for name in values)
+    assert any(name.startswith("python_gc_collections_total{") for name in values)
+
+
+def test_the_start_up_log_says_where_metrics_are_served(
+    example_with_metrics: tuple[RunningServer, str],
+) -> None:
+    server, metrics_url = example_with_metrics
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    assert lines[0]["message"].startswith("loading the policies in ")
+    said = [line for line in lines if line["logger"] == "policy_server.metrics"]
+    assert [line["message"] for line in said] == [f"Prometheus metrics on {metrics_url}"]

@@ -8,13 +8,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from policy_server.clients import GENERATORS
-from policy_server.errors import ClientsUnavailable, PolicyLoadError
-from policy_server.settings import Settings
+# Only the standard library at import: main() imports the rest, so that a Ctrl-C at any
+# moment of start-up is answered by its one line.
+if TYPE_CHECKING:
+    from policy_server.settings import Settings
 
 _POSITIONAL = {"policy_path", "extra_policy_paths"}
 _PATHS_HELP = (
@@ -24,6 +23,8 @@ _PATHS_HELP = (
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    from policy_server.settings import Settings
+
     for name, info in Settings.model_fields.items():
         if name in _POSITIONAL:
             continue
@@ -45,6 +46,7 @@ def _command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParse
 
 def build_parser() -> argparse.ArgumentParser:
     from policy_server import __version__
+    from policy_server.clients import GENERATORS
     from policy_server.experience.cli import add_commands
 
     parser = argparse.ArgumentParser(
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(arguments: argparse.Namespace) -> Settings:
     """Flags given on the command line win over the environment, which wins over defaults."""
+    from policy_server.settings import Settings
+
     given: dict[str, Any] = {
         name: value
         for name, value in vars(arguments).items()
@@ -151,7 +155,22 @@ def run_ui(port: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status: 0; 2 for a refused start; 130, as a shell reports a Ctrl-C, for an
+    interrupted one. A refusal or an interruption is said in one line on stderr."""
+    try:
+        return _run_command(argv)
+    except KeyboardInterrupt:
+        print("policy-server: interrupted (Ctrl-C); nothing is being served", file=sys.stderr)
+        return 130
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    from pydantic import ValidationError
+
+    from policy_server.clients import GENERATORS
+    from policy_server.errors import ClientsUnavailable, PolicyLoadError
     from policy_server.experience.cli import COMMANDS, run
+    from policy_server.startup import PortUnavailable
 
     arguments = build_parser().parse_args(argv)
     if arguments.command == "ui":
@@ -172,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"policy-server: invalid setting: {error}", file=sys.stderr)
         return 2
     except PolicyLoadError as error:
+        print(f"policy-server: cannot serve: {error}", file=sys.stderr)
+        return 2
+    except PortUnavailable as error:
         print(f"policy-server: cannot serve: {error}", file=sys.stderr)
         return 2
     except ClientsUnavailable as error:

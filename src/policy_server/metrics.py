@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
 )
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _INFERENCE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1)
@@ -30,12 +37,22 @@ class Metrics:
         # The *_created series double every counter's output and no dashboard reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
+        # process_* (CPU, memory, file descriptors) and python_* (version, garbage collector).
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
         self.requests = Counter(
             "policy_server_requests",
-            "HTTP requests answered, by route template, method, status code, and the policy "
-            "and version that answered (empty when none did).",
-            ["route", "method", "status", "policy", "version"],
+            "HTTP requests answered, by route template, method, status code (`code`, as in "
+            "Prometheus' own HTTP instrumentation), and the policy and version that answered "
+            "(empty when none did).",
+            ["route", "method", "code", "policy", "version"],
             registry=self.registry,
+        )
+        self.requests_in_flight = Gauge(
+            "policy_server_requests_in_flight",
+            "HTTP requests being handled now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.request_duration = Histogram(
             "policy_server_request_duration_seconds",
@@ -171,9 +188,7 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics (Prometheus text format) on its own port, in a daemon thread."""
-        from prometheus_client import start_http_server
-
-        self._server = start_http_server(port, addr=host, registry=self.registry)
+        self._server = serve_registry(self.registry, host, port)
 
     def stop_serving(self) -> None:
         server = getattr(self, "_server", None)
@@ -181,3 +196,15 @@ class Metrics:
             server[0].shutdown()
             server[0].server_close()
             del self._server
+
+
+def serve_registry(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve `registry` at /metrics on `port` in a daemon thread, and say where."""
+    from prometheus_client import start_http_server
+
+    served = start_http_server(port, addr=host, registry=registry)
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("Prometheus metrics on http://%s:%d/metrics", shown, port)
+    return served

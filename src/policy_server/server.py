@@ -17,6 +17,13 @@ from policy_server.observers import ActionMetrics, DecisionLogger, ShadowScorer
 from policy_server.registry import PolicyRegistry, PolicyVersion
 from policy_server.service import ModelCaller, Observer, PolicyService, local_caller
 from policy_server.settings import Settings
+from policy_server.startup import (
+    Interrupts,
+    announce_loading,
+    check_ports,
+    run_uvicorn,
+    warn_demo_key,
+)
 
 CallerHook = Callable[[PolicyVersion, Metrics], Awaitable[ModelCaller]]
 ManagerFactory = Callable[[Settings, PolicyRegistry, Metrics], PolicyManager]
@@ -51,6 +58,7 @@ def build_app(
     keys = KeyRing(
         settings.api_keys, settings.secret("admin_key"), settings.no_auth, settings.api_key_file
     )
+    warn_demo_key(settings, registry, keys)
     app = create_app(service, manager, settings, keys, metrics, log, closing)
     freeze_garbage()
     return app
@@ -111,19 +119,14 @@ def _install_hooks(
 
 
 def serve(settings: Settings) -> None:
+    """Serve until stopped. PortUnavailable before any policy loads when a port is taken;
+    KeyboardInterrupt when a Ctrl-C interrupts the start-up."""
+    check_ports(settings)
+    announce_loading(settings)
     if settings.resolved_workers > 1:
         from policy_server.workers import serve_workers
 
         serve_workers(settings)
         return
-    import uvicorn
-
-    app = build_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
-        access_log=False,
-    )
+    with Interrupts() as interrupts:
+        run_uvicorn(build_app(settings), settings, interrupts)

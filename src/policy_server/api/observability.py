@@ -37,9 +37,12 @@ class RequestObserver:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
+        in_flight = self.metrics.requests_in_flight
+        in_flight.inc()
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            in_flight.dec()
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: bytes) -> None:
