@@ -1,8 +1,9 @@
 """`serve --workers 2`: two processes on one port, over a real server on loopback.
 
-One server serves the whole module, so the tests run in order: both workers answer, the
+One server serves most of the module, so those tests run in order: both workers answer, the
 metrics add them up, admin changes reach both, a killed worker is replaced (and follows the
-admin changes), and SIGTERM under load drains both without losing a logged decision.
+admin changes), and SIGTERM under load drains both without losing a logged decision. The
+last tests start their own: one whose workers cannot start, one whose supervisor is killed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from policy_server.experience.files import read_records
@@ -246,3 +248,14 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=PATIENCE_S)
     assert result.returncode == 2
     assert "policy-server: cannot serve:" in result.stderr
+
+
+def test_workers_stop_when_their_supervisor_is_killed(cache_dir: Path, tmp_path: Path) -> None:
+    command = serve_command(EXAMPLE, cache_dir, "--workers", str(WORKERS))
+    with run_server(command, tmp_path, EXAMPLE_KEY) as server:
+        from_every_worker(lambda: httpx.get(server.url + "/"), lambda _: True)
+        workers = psutil.Process(server.process.pid).children()
+        server.process.kill()
+        server.process.wait()
+        _, alive = psutil.wait_procs(workers, timeout=PATIENCE_S)
+        assert alive == []

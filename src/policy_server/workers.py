@@ -28,8 +28,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -237,6 +239,10 @@ class SharedPolicyManager(PolicyManager):
 
 def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
     """One worker's server, built in the worker process."""
+    watcher = threading.Thread(
+        target=_stop_with_supervisor, args=(os.getppid(),), name="supervisor-watch", daemon=True
+    )
+    watcher.start()
     index, slot = run.claim_slot()
     state = SharedState(run.state)
 
@@ -255,6 +261,15 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
         return app
     # uvicorn's supervisor stops on this code rather than restart a worker that cannot start.
     sys.exit(STARTUP_FAILURE)
+
+
+def _stop_with_supervisor(supervisor: int) -> None:
+    """A worker whose supervisor died (SIGKILL, a crash) drains and exits, rather than serve
+    on as an orphan that nothing replaces or stops, holding the port."""
+    while os.getppid() == supervisor:
+        time.sleep(FOLLOW_INTERVAL_S)
+    logger.warning("the supervisor (pid %d) is gone: this worker stops", supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class WorkerHeader:
