@@ -70,3 +70,33 @@ def test_every_metric_the_dashboard_queries_is_exported(
     )
     uid = provisioned["datasources"][0]["uid"]
     assert all(panel["datasource"]["uid"] == uid for panel in dashboard["panels"])
+
+
+def dashboard_panels() -> list[dict]:
+    return list(
+        json.loads((DEPLOY / "grafana" / "dashboards" / "policy-server.json").read_text())["panels"]
+    )
+
+
+def test_dashboard_queries_use_the_request_counter_labels() -> None:
+    labels = {"route", "method", "code", "policy", "version", "le"}
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            for selector in re.findall(r"policy_server_requests_total\{([^}]*)\}", target["expr"]):
+                used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+                assert used <= labels, (panel["title"], used - labels)
+
+
+def test_the_action_distribution_is_one_panel_per_component_of_one_policy() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "policy-server.json").read_text())
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert not variables["policy"]["multi"] and not variables["policy"]["includeAll"]
+    assert "$policy" in variables["component"]["definition"]
+    (panel,) = [p for p in dashboard["panels"] if p.get("repeat")]
+    assert panel["repeat"] == "component"
+    expression = panel["targets"][0]["expr"]
+    assert expression.count('policy="$policy",component="$component"') == 2
+    # Shares of the component's actions, stacked to 100% within the panel.
+    assert expression.startswith("sum by (action) (rate(policy_server_actions_total")
+    assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    assert panel["fieldConfig"]["defaults"]["max"] == 1
