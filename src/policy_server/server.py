@@ -24,6 +24,7 @@ from policy_server.startup import (
     run_uvicorn,
     warn_demo_key,
 )
+from policy_server.steps import LocalSteps, StepCounter
 
 CallerHook = Callable[[PolicyVersion, Metrics], Awaitable[ModelCaller]]
 ManagerFactory = Callable[[Settings, PolicyRegistry, Metrics], PolicyManager]
@@ -35,10 +36,12 @@ def build_app(
     *,
     worker: str = "0",
     managers: ManagerFactory = PolicyManager,
+    steps: StepCounter | None = None,
 ) -> FastAPI:
     """The whole server for `settings`; `callers` overrides how model calls are made (the
     Ray Serve ingress passes its deployment handle). A worker of `serve --workers N` passes
-    its name (its decision-log stream) and a manager that follows the other workers."""
+    its name (its decision-log stream), a manager that follows the other workers, and the
+    step counts all workers share."""
     configure_logging(settings.log_level)
     metrics = Metrics()
     registry = PolicyRegistry()
@@ -53,7 +56,7 @@ def build_app(
         observers.append(logger)
         shadow.sinks.append(logger.shadow_answer)
         closing.append(log.close)  # after the shadow thread, which writes to it
-    service = PolicyService(registry, observers)
+    service = PolicyService(registry, observers, steps or LocalSteps())
     _install_hooks(settings, registry, service, metrics, callers)
     keys = KeyRing(
         settings.api_keys, settings.secret("admin_key"), settings.no_auth, settings.api_key_file
@@ -99,7 +102,8 @@ def _install_hooks(
         elif settings.resolved_backend == "ray":
             from policy_server.ray_backend import deploy_version
 
-            version.caller = await deploy_version(settings, version, metrics)
+            entry = registry.entry(version.name)
+            version.caller = await deploy_version(settings, version, metrics, entry.settings)
         else:
             entry = registry.entry(version.name)
             observer = metrics.batch_observer(version.name, version.version)

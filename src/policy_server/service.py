@@ -12,7 +12,6 @@ import os
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
@@ -27,6 +26,7 @@ from policy_server.registry import PolicyRegistry, PolicyVersion
 from policy_server.runtime.base import ModelOutputs
 from policy_server.settings import PolicySettings
 from policy_server.spaces import categorical_sizes
+from policy_server.steps import LocalSteps, StepCounter
 
 
 class Prediction(TypedDict, total=False):
@@ -108,13 +108,16 @@ def local_caller(
 
 
 class PolicyService:
-    MAX_EPISODES = 100_000
-
-    def __init__(self, registry: PolicyRegistry, observers: Sequence[Observer] = ()) -> None:
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        observers: Sequence[Observer] = (),
+        steps: StepCounter | None = None,
+    ) -> None:
         self.registry = registry
         self.observers = list(observers)
         self._rng = np.random.default_rng()
-        self._steps: OrderedDict[str, int] = OrderedDict()
+        self._steps = steps or LocalSteps()
         self._ids = DecisionIds()
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
@@ -273,18 +276,12 @@ class PolicyService:
         return predictions
 
     def _step(self, episode: Episode) -> int:
-        """The client's step, else this process's count of the episode's decisions."""
+        """The client's step, else the count of the episode's decisions so far."""
         assert episode.episode_id is not None
-        steps = self._steps
-        step = episode.step if episode.step is not None else steps.get(episode.episode_id, 0)
-        steps[episode.episode_id] = step + 1
-        steps.move_to_end(episode.episode_id)
-        if len(steps) > self.MAX_EPISODES:
-            steps.popitem(last=False)
-        return step
+        return self._steps.take(episode.episode_id, episode.step)
 
     def end_episode(self, episode_id: str) -> None:
-        self._steps.pop(episode_id, None)
+        self._steps.end(episode_id)
 
 
 def _masked(

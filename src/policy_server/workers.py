@@ -56,6 +56,7 @@ from policy_server.metrics import Metrics
 from policy_server.registry import PolicyEntry, PolicyRegistry
 from policy_server.server import build_app
 from policy_server.settings import Settings
+from policy_server.steps import SharedSteps
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ class RunFolder:
     @property
     def startup_error(self) -> Path:
         return self.path / "startup-error.txt"
+
+    @property
+    def steps(self) -> Path:
+        """The step counts of episodes whose requests do not say their step."""
+        return self.path / "episode-steps.sqlite"
 
     def claim_slot(self) -> tuple[int, IO[bytes]]:
         """The lowest worker index no live worker holds, and the lock that holds it."""
@@ -250,7 +256,7 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
         return SharedPolicyManager(settings, registry, metrics, state, slot)
 
     try:
-        app = build_app(settings, worker=str(index), managers=manager)
+        app = build_app(settings, worker=str(index), managers=manager, steps=SharedSteps(run.steps))
     except PolicyLoadError as error:
         run.startup_error.write_text(str(error))
     except Exception as error:

@@ -437,11 +437,6 @@ async def episodes_without_steps(server: RunningServer) -> list[list[int]]:
     return await asyncio.gather(*(episode_without_steps(server, f"e{i}") for i in range(EPISODES)))
 
 
-@pytest.mark.xfail(
-    reason="the service counts an episode's steps per process (PolicyService._step): under "
-    "--workers the count restarts in each worker, and the log holds repeated steps",
-    strict=False,
-)
 def test_steps_the_server_counts_follow_each_other_across_workers(
     cache_dir: Path, tmp_path: Path
 ) -> None:
