@@ -42,7 +42,7 @@ def load_folder(
     schema = load_schema(folder / "schema.yaml")
     if (folder / ONNX_NAME).is_file() and not (folder / ARCHIVE_NAME).is_file():
         runtime, digest = (
-            _exported_onnx(folder / ONNX_NAME, schema),
+            _exported_onnx(folder / ONNX_NAME, schema, settings.onnx_threads),
             file_digest(folder / ONNX_NAME),
         )
     else:
@@ -82,7 +82,7 @@ def _saved_model_runtime(
     model_dir, digest = locate_saved_model(folder, settings)
     cached = settings.cache_dir / digest / CACHED_ONNX
     if choice != "tensorflow" and cached.is_file():
-        runtime = _cached_onnx(cached, choice)
+        runtime = _cached_onnx(cached, choice, settings.onnx_threads)
         if runtime is not None:
             return runtime, digest
     from policy_server.runtime.tensorflow import TensorFlowRuntime
@@ -93,7 +93,7 @@ def _saved_model_runtime(
     try:
         from policy_server.runtime.convert import convert
 
-        return convert(tensorflow, cached, schema), digest
+        return convert(tensorflow, cached, schema, settings.onnx_threads), digest
     except PolicyLoadError as error:
         if choice == "onnx":
             raise
@@ -101,7 +101,7 @@ def _saved_model_runtime(
         return tensorflow, digest
 
 
-def _cached_onnx(path: Path, choice: str) -> PolicyRuntime | None:
+def _cached_onnx(path: Path, choice: str, threads: int) -> PolicyRuntime | None:
     from policy_server.runtime.onnx import OnnxRuntime, open_session, stored_layout
 
     try:
@@ -109,7 +109,7 @@ def _cached_onnx(path: Path, choice: str) -> PolicyRuntime | None:
         layout = stored_layout(session)
         if layout is None:
             raise PolicyLoadError(f"{path}: has no policy-server layout metadata")
-        return OnnxRuntime(session, layout, path)
+        return OnnxRuntime(session, layout, path, threads)
     except PolicyLoadError as error:
         if choice == "onnx":
             raise
@@ -117,7 +117,7 @@ def _cached_onnx(path: Path, choice: str) -> PolicyRuntime | None:
         return None
 
 
-def _exported_onnx(path: Path, schema: PolicySchema) -> PolicyRuntime:
+def _exported_onnx(path: Path, schema: PolicySchema, threads: int) -> PolicyRuntime:
     """A model.onnx exported elsewhere: schema.yaml says how to read its outputs."""
     from policy_server.runtime.onnx import OnnxLayout, OnnxRuntime, open_session
 
@@ -138,7 +138,7 @@ def _exported_onnx(path: Path, schema: PolicySchema) -> PolicyRuntime:
             f"{path}: has outputs {outputs}; name the logits in parameters.logits_output"
         )
     layout = OnnxLayout(width, parameters.action_space, logits, parameters.value_output)
-    runtime = OnnxRuntime(session, layout, path)
+    runtime = OnnxRuntime(session, layout, path, threads)
     logits_width = session.get_outputs()[outputs.index(logits)].shape[-1]
     if isinstance(logits_width, int) and logits_width != parameters.action_space.logits_width:
         raise PolicyLoadError(

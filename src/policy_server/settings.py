@@ -244,6 +244,12 @@ class Settings(BaseSettings):
         return self.workers or len(os.sched_getaffinity(0))
 
     @property
+    def onnx_threads(self) -> int:
+        """Threads of an ONNX session for large batches (batch requests): every core of a
+        single process; one under `--workers`, whose processes already share the cores."""
+        return 1 if self.resolved_workers > 1 else len(os.sched_getaffinity(0))
+
+    @property
     def languages(self) -> list[str]:
         return _split(self.client_languages)
 

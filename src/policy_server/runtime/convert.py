@@ -21,7 +21,10 @@ OPSET = 17
 
 
 def convert(
-    runtime: TensorFlowRuntime, target: Path, schema: PolicySchema | None = None
+    runtime: TensorFlowRuntime,
+    target: Path,
+    schema: PolicySchema | None = None,
+    large_batch_threads: int = 1,
 ) -> OnnxRuntime:
     """Write `target` (atomically) and return it loaded; PolicyLoadError if it disagrees.
 
@@ -56,7 +59,7 @@ def convert(
             f"{runtime.source}: cannot write the ONNX model to {target} ({error}); "
             "check that --cache-dir is writable"
         ) from None
-    return OnnxRuntime(open_session(target), onnx_layout, target)
+    return OnnxRuntime(open_session(target), onnx_layout, target, large_batch_threads)
 
 
 def _to_onnx(runtime: TensorFlowRuntime) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +82,15 @@ class OnnxRuntime:
     name = "onnx"
     LARGE_BATCH = 256
 
-    def __init__(self, session: Any, layout: OnnxLayout, source: Path) -> None:
+    def __init__(
+        self, session: Any, layout: OnnxLayout, source: Path, large_batch_threads: int = 1
+    ) -> None:
         self._session = session
-        self._large_session = open_session(source, threads=os.cpu_count() or 1)
+        self._large_session = (
+            session
+            if large_batch_threads == 1
+            else open_session(source, threads=large_batch_threads)
+        )
         self.layout = layout
         self.source = source
         self.observation_width = layout.observation_width
