@@ -77,7 +77,8 @@ def stored_layout(session: Any) -> OnnxLayout | None:
 
 class OnnxRuntime:
     """Small batches (single requests, micro-batches) run on one thread, where a thread pool
-    costs more than it gives; large ones (batch requests) on every core."""
+    costs more than it gives; large ones (batch requests) on `large_batch_threads`: every
+    core for a single process, one for a worker of `serve --workers`."""
 
     name = "onnx"
     LARGE_BATCH = 256
