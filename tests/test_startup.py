@@ -19,7 +19,7 @@ import pytest
 from policy_server import __version__
 from tests.conftest import EXAMPLE, PATHMIND_KEY, RunningServer, free_port, run_server
 
-INTERRUPTED = "policy-server: interrupted (Ctrl-C); nothing is being served"
+INTERRUPTED = "policy-server: interrupted (Ctrl-C) while starting; nothing is being served"
 # One process, whatever the machine's cores: these tests follow that process's start-up.
 ONE_PROCESS = {"POLICY_SERVER_WORKERS": "1", "PYTHONUNBUFFERED": "1"}
 

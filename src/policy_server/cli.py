@@ -160,7 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_command(argv)
     except KeyboardInterrupt:
-        print("policy-server: interrupted (Ctrl-C); nothing is being served", file=sys.stderr)
+        given = sys.argv[1:] if argv is None else list(argv)
+        command = next((word for word in given if not word.startswith("-")), None)
+        # serve lets a Ctrl-C through only before it serves; once serving, it is a stop (0).
+        what = " while starting; nothing is being served" if command == "serve" else ""
+        print(f"policy-server: interrupted (Ctrl-C){what}", file=sys.stderr)
         return 130
 
 
