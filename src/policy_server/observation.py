@@ -7,13 +7,15 @@ from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, create_model, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, with_config
 from typing_extensions import TypedDict
 
 from policy_server.errors import FieldError, InvalidObservation
 from policy_server.schema import FieldType, ObservationField, PolicySchema
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The largest integer every JSON parser reads exactly (RFC 7493, I-JSON): 2**53 - 1.
+JSON_INT_MAX = 2**53 - 1
 
 
 def observation_model(schema: PolicySchema, name: str = "Observation") -> type[BaseModel] | None:
@@ -55,6 +57,14 @@ def dict_rows(schema: PolicySchema, items: list[dict[str, Any]]) -> npt.NDArray[
     )
 
 
+def whole_number(value: Any) -> Any:
+    """JSON Schema's integers include `3.0`: a float without a fraction is that integer
+    (`3.5`, `"3"` and `true` stay refused)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 def raw_number() -> Any:  # a type expression, built where pydantic needs it
     """One raw model input: a JSON number that stays finite as float32."""
     return Annotated[
@@ -82,9 +92,9 @@ def _scalar(field_type: FieldType, field: ObservationField) -> Any:
     low = field.minimum if field.minimum is not None else -FLOAT32_MAX
     high = field.maximum if field.maximum is not None else FLOAT32_MAX
     if field_type is FieldType.INT:
-        # JSON integers are read as int64: the bounds published are the ones accepted.
-        ge, le = max(int(np.ceil(low)), -(2**63)), min(int(np.floor(high)), 2**63 - 1)
-        return Annotated[int, Field(strict=True, ge=ge, le=le)]
+        # The bounds published are the ones accepted, within I-JSON's interoperable range.
+        ge, le = max(int(np.ceil(low)), -JSON_INT_MAX), min(int(np.floor(high)), JSON_INT_MAX)
+        return Annotated[int, Field(strict=True, ge=ge, le=le), BeforeValidator(whole_number)]
     return Annotated[float, Field(strict=True, allow_inf_nan=False, ge=low, le=high)]
 
 

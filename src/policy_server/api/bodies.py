@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -29,14 +30,17 @@ from pydantic import (
     create_model,
     with_config,
 )
+from pydantic.config import JsonDict
 from typing_extensions import TypedDict
 
 from policy_server.observation import (
+    JSON_INT_MAX,
     dict_rows,
     observation_dict,
     observation_model,
     raw_number,
     raw_observation_model,
+    whole_number,
 )
 from policy_server.registry import LoadedPolicy
 from policy_server.service import Episode
@@ -78,7 +82,7 @@ def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
 
 
 def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseModel]:
-    mask_row = Annotated[list[MaskValue], Field(max_length=max(sizes, default=0))]
+    mask = _mask_type(sizes)
     return create_model(
         name,
         __config__=ConfigDict(extra="forbid"),
@@ -95,16 +99,15 @@ def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseM
             ),
         ),
         step=(
-            int | None,
+            Annotated[int, Field(ge=0, le=JSON_INT_MAX), BeforeValidator(whole_number)] | None,
             Field(
                 default=None,
-                ge=0,
                 strict=True,
                 description="The step within the episode; counted by the server when absent.",
             ),
         ),
         action_mask=(
-            Annotated[list[mask_row], Field(max_length=len(sizes))] | None,
+            mask,
             Field(
                 default=None,
                 description="Per action component, one boolean (or 0/1) per action: false "
@@ -151,6 +154,20 @@ def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
     )
     typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
     return BodyTypes(typed, raw, either, typed_batch, raw_batch)
+
+
+def _mask_type(sizes: tuple[int, ...]) -> Any:
+    """One list of exactly `n` values per action component of `n` actions, or null; only
+    null for a continuous action space."""
+    if not sizes:
+        return None
+    # A row that forbids every action is refused.
+    allowed: JsonDict = {"contains": {"enum": [1, True]}}
+    rows = tuple(
+        Annotated[list[MaskValue], Field(min_length=n, max_length=n, json_schema_extra=allowed)]
+        for n in sizes
+    )
+    return tuple[rows] | None  # type: ignore[valid-type]
 
 
 def _mask_sizes(policy: LoadedPolicy) -> tuple[int, ...]:
