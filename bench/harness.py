@@ -240,6 +240,28 @@ def machine() -> str:
     )
 
 
+def source() -> str:
+    """The commit of the policy-server source that the servers run, and whether it differs
+    from that commit."""
+    folder = Path(
+        subprocess.run(
+            [PYTHON, "-c", "import policy_server; print(policy_server.__file__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    ).parent
+    git = ["git", "-C", str(folder)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if commit.returncode != 0:
+        return f"policy-server from {folder} (not a git checkout)"
+    changed = subprocess.run(
+        [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True
+    ).stdout.strip()
+    suffix = " with uncommitted changes in src/" if changed else ""
+    return f"policy-server at commit {commit.stdout.strip()}{suffix}"
+
+
 def targets(shared: Path = SHARED) -> list[Target]:
     """mouse_and_cheese (from `shared`, the Pathmind policies, when present), then CartPole."""
     found = [

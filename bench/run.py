@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from features import measure_features
-from harness import BENCH, OUT, PYTHON, Load, Server, Target, machine, ours, targets, wrk
+from harness import BENCH, OUT, PYTHON, Load, Server, Target, machine, ours, source, targets, wrk
 from peers import measure_peers
 
 
@@ -153,7 +153,7 @@ def main() -> None:
         results[target.name] = measure_target(target, arguments.duration, first=index == 0)
         print(json.dumps(results[target.name], default=vars, indent=1), flush=True)
     run = {
-        "machine": machine(),
+        "machine": f"{machine()}; {source()}",
         "duration": arguments.duration,
         "minutes": (time.perf_counter() - started) / 60,
         "targets": results,

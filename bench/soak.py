@@ -33,7 +33,18 @@ from features import (
     ready_route,
     repository_server,
 )
-from harness import BENCH, OUT, Server, Target, machine, ours, parse_wrk, process_tree, targets
+from harness import (
+    BENCH,
+    OUT,
+    Server,
+    Target,
+    machine,
+    ours,
+    parse_wrk,
+    process_tree,
+    source,
+    targets,
+)
 from report import SOAK
 
 ROUTES = ("predict", "predict_raw", "predict_deterministic", "distribution", "predict_batch")
@@ -277,7 +288,7 @@ def render(result: dict[str, Any], warm_up: float) -> str:
         [
             MARKER,
             "",
-            f"Written by `make soak` (`bench/soak.py`). Machine: {machine()}.",
+            f"Written by `make soak` (`bench/soak.py`). Machine: {machine()}; {source()}.",
             "",
             f"{result['minutes']:g} minutes, wrk 1 thread, 32 connections rotating through "
             f"{len(result['requests'])} routes: {', '.join(sorted(set(result['requests'])))}. "
