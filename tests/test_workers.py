@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from policy_server.experience.files import read_records
+from policy_server.settings import available_cores
 from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, run_server, serve_command
 
 WORKERS = 2
@@ -259,3 +260,24 @@ def test_workers_stop_when_their_supervisor_is_killed(cache_dir: Path, tmp_path:
         server.process.wait()
         _, alive = psutil.wait_procs(workers, timeout=PATIENCE_S)
         assert alive == []
+
+
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"),
+    [
+        (None, CORES),  # no cgroup v2 file
+        ("max 100000\n", CORES),  # no quota
+        ("100000 100000\n", 1),  # docker run --cpus 1
+        ("150000 100000\n", min(CORES, 2)),  # a fraction counts as a core
+        ("50000 100000\n", 1),
+    ],
+)
+def test_default_workers_follow_a_cpu_quota(
+    tmp_path: Path, cpu_max: str | None, cores: int
+) -> None:
+    if cpu_max is not None:
+        (tmp_path / "cpu.max").write_text(cpu_max)
+    assert available_cores(tmp_path / "cpu.max") == cores

@@ -6,6 +6,7 @@ description is the flag's help text, so each setting is documented once, here.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -17,6 +18,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "policy-server"
+
+
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use, not all the machine's: its CPU affinity (a cpuset),
+    capped by a cgroup v2 CPU quota (`docker run --cpus`, a Kubernetes CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return cores
 
 
 class Settings(BaseSettings):
@@ -175,8 +187,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Processes serving the port, each with its own runtime, micro-batcher and "
         "single-threaded ONNX sessions; metrics, admin changes and the decision log span "
-        "them all. Default: the machine's cores; 1 keeps one process. The Ray backend "
-        "always uses one.",
+        "them all. Default: the cores this process may use (its CPU affinity, capped by a "
+        "cgroup CPU quota); 1 keeps one process. The Ray backend always uses one.",
     )
     api_key_file: Path | None = Field(
         default=None,
@@ -240,14 +252,13 @@ class Settings(BaseSettings):
     def resolved_workers(self) -> int:
         if self.resolved_backend == "ray":
             return 1
-        # The cores this process may run on (a container's cpuset), not all the machine's.
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or available_cores()
 
     @property
     def onnx_threads(self) -> int:
         """Threads of an ONNX session for large batches (batch requests): every core of a
         single process; one under `--workers`, whose processes already share the cores."""
-        return 1 if self.resolved_workers > 1 else len(os.sched_getaffinity(0))
+        return 1 if self.resolved_workers > 1 else available_cores()
 
     @property
     def languages(self) -> list[str]:
