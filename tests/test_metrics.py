@@ -134,3 +134,4 @@ def test_the_start_up_log_says_where_metrics_are_served(
     assert lines[0]["message"].startswith("loading the policies in ")
     said = [line for line in lines if line["logger"] == "policy_server.metrics"]
     assert [line["message"] for line in said] == [f"Prometheus metrics on {metrics_url}"]
+    assert f"API documentation on {server.url}/docs" in [line["message"] for line in lines]

@@ -180,6 +180,9 @@ class _Server(uvicorn.Server):
         if not self.interrupts.interrupted:
             self.interrupts.serving = True
             super()._log_started_message(listeners)
+            host, port = self.config.host, listeners[0].getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            logger.info("API documentation on http://%s:%d/docs", shown, port)
 
 
 class _Lifespan(LifespanOn):
