@@ -37,6 +37,9 @@ def _timeout_response() -> bytes:
 
 
 TIMEOUT_RESPONSE = _timeout_response()
+# How long an idle keep-alive connection stays open after SIGTERM, for a request already on
+# its way; the server exits once every connection has closed (or the grace period ends).
+SHUTDOWN_LINGER_S = 0.5
 
 
 class TimedProtocol(HttpToolsProtocol):
@@ -83,13 +86,20 @@ class TimedProtocol(HttpToolsProtocol):
         self._stop_reading_timer()
 
     def shutdown(self) -> None:
-        if self._reading is None:
-            super().shutdown()
-            return
-        # A request is being received: answer it, then close.
         self._draining = True
+        if self._reading is None and (self.cycle is None or self.cycle.response_complete):
+            # Idle between requests: a client may be sending its next one right now, and
+            # closing under it would reset that request. Linger a moment: a request that
+            # arrives is answered (with `connection: close`); then the connection closes.
+            self.loop.call_later(SHUTDOWN_LINGER_S, self._close_if_idle)
+            return
+        # A request is being received or answered: answer it, then close.
         if self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        if self._reading is None and (self.cycle is None or self.cycle.response_complete):
+            super().shutdown()
 
     def _start_reading_timer(self) -> None:
         if self._reading is None:
