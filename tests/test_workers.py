@@ -8,6 +8,7 @@ last tests start their own: one whose workers cannot start, one whose supervisor
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -24,7 +25,10 @@ import psutil
 import pytest
 
 from policy_server.experience.files import read_records
-from policy_server.settings import available_cores
+from policy_server.metrics import Metrics
+from policy_server.registry import PolicyRegistry, State
+from policy_server.settings import Settings, available_cores
+from policy_server.workers import AdminState, SharedPolicyManager, SharedState
 from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, run_server, serve_command
 
 WORKERS = 2
@@ -281,3 +285,34 @@ def test_default_workers_follow_a_cpu_quota(
     if cpu_max is not None:
         (tmp_path / "cpu.max").write_text(cpu_max)
     assert available_cores(tmp_path / "cpu.max") == cores
+
+
+def ready_versions(manager: SharedPolicyManager) -> list[str]:
+    versions = manager.registry.entry("cartpole").ordered()
+    return sorted(version.version for version in versions if version.state is State.READY)
+
+
+def test_a_worker_scans_its_folders_itself_and_records_only_admin_reloads(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(EXAMPLE, repository / "cartpole" / "1")
+    settings = Settings(
+        policy_path=repository, cache_dir=cache_dir, poll_interval_s=0.2, client_languages=""
+    )
+    state = SharedState(tmp_path / "state.json")
+
+    async def scenario() -> list[str]:
+        with (tmp_path / "worker-0.lock").open("ab") as slot:
+            manager = SharedPolicyManager(settings, PolicyRegistry(), Metrics(), state, slot)
+            manager.load_initial()
+            await manager.start()
+            shutil.copytree(EXAMPLE, repository / "cartpole" / "2")
+            deadline = time.monotonic() + PATIENCE_S
+            while len(ready_versions(manager)) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await manager.close()
+            return ready_versions(manager)
+
+    assert asyncio.run(scenario()) == ["1", "2"]
+    assert state.read() == AdminState()  # a scan is each worker's own: nothing recorded
