@@ -293,6 +293,38 @@ def test_reloads_under_load_fail_no_request(server: RunningServer, repository: P
     assert "DeploymentObservation" in document["components"]["schemas"]
 
 
+def test_traffic_changes_through_the_admin_route_and_repository_yaml(
+    server: RunningServer, repository: Path
+) -> None:
+    """After the reloads above, mouse has versions 2 and 3 (and 4, failed)."""
+    with server.client() as client:
+        change = client.put(
+            "/admin/policies/mouse/traffic",
+            json={"traffic": {"2": 0, "3": 100}, "shadow": "2"},
+            headers=ADMIN,
+        )
+        assert change.status_code == 200, change.text
+        assert {v["version"]: v["traffic"] for v in change.json()["versions"]} == {
+            "2": 0.0,
+            "3": 100.0,
+            "4": 0.0,
+        }
+        assert change.json()["shadow"] == "2"
+        assert asyncio.run(versions_answering(server, 50)) == Counter({"3": 50})
+        unknown = client.put(
+            "/admin/policies/mouse/traffic", json={"traffic": {"9": 1}}, headers=ADMIN
+        )
+        assert unknown.status_code == 404
+        (repository / "repository.yaml").write_text(
+            CONFIG.replace('traffic: {"1": 80, "2": 20}', 'traffic: {"2": 100}')
+        )
+        assert client.post("/admin/reload", headers=ADMIN).status_code == 200
+        listing = {p["name"]: p for p in client.get("/policies").json()["policies"]}
+    assert listing["mouse"]["traffic"] == {"2": 100.0}, "the newer change, the file's, wins"
+    assert listing["mouse"]["shadow"] is None
+    assert asyncio.run(versions_answering(server, 50)) == Counter({"2": 50})
+
+
 def test_admin_routes_need_the_admin_key(server: RunningServer) -> None:
     with server.client() as client:
         assert client.post("/admin/reload").status_code == 403

@@ -66,7 +66,9 @@ class PolicyManager:
         self.on_change: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        # Traffic set through the admin route, and as repository.yaml last said it.
         self._overrides: dict[str, tuple[dict[str, float] | None, str | None]] = {}
+        self._configured: dict[str, tuple[dict[str, float] | None, str | None]] = {}
         self._failed: dict[tuple[str, str], tuple[float, ...]] = {}
         self.repository = False
         self.reloads = 0
@@ -238,10 +240,14 @@ class PolicyManager:
         except ValueError as error:
             raise PolicyLoadError(f"{CONFIG_NAME}: policies.{name}.settings: {error}") from None
         entry = self.registry.ensure_entry(name, settings)
-        traffic, shadow = self._overrides.get(
-            name,
-            (policy_config.traffic, policy_config.shadow) if policy_config else (None, None),
+        configured = (
+            (policy_config.traffic, policy_config.shadow) if policy_config else (None, None)
         )
+        if self._configured.get(name, configured) != configured:
+            # repository.yaml changed this policy's traffic: the newest change wins.
+            self._overrides.pop(name, None)
+        self._configured[name] = configured
+        traffic, shadow = self._overrides.get(name, configured)
         entry.traffic, entry.shadow = traffic, shadow
         return entry
 
