@@ -2,8 +2,8 @@
 any request body is read.
 
 The server's keys (`--api-key`, several comma-separated, and the lines of `--api-key-file`,
-re-read when the file changes) open every policy; without any, each policy is opened by the
-`api_key` of its own schema.yaml. Clients send the key as header
+re-read when the file changes) open every policy; without `--api-key` or a key file, each
+policy is opened by the `api_key` of its own schema.yaml. Clients send the key as header
 `access-token`; a cookie or a query parameter of the same name is accepted as the original
 server did, but only the header is published, since query strings end up in proxy logs.
 """
@@ -116,7 +116,9 @@ class KeyRing:
 
     def policy_keys(self, entry: PolicyEntry) -> tuple[bytes, ...] | None:
         """The keys that open `entry`; None when it is open to everyone."""
-        if self.server_keys:
+        if self._static_keys or self.key_file is not None:
+            # A key file overrides the schemas' keys even while it holds none (every key
+            # withdrawn, or the file caught mid-rewrite): falling back would open them.
             return self.server_keys
         keys = {
             v.policy.schema.parameters.api_key
