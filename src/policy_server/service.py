@@ -140,10 +140,7 @@ class PolicyService:
         """Decisions for observation rows of shape (batch, the model's input width)."""
         policy = version.loaded
         mask = self._masks(version, masks, len(rows))
-        with self.registry.lease(version):
-            outputs = await self._forward(version, rows)
-        logits = _masked(policy.distribution, outputs.logits, mask)
-        self._check(version, logits, mask)
+        outputs, logits = await self._logits(version, rows, mask)
         if deterministic:
             chosen = policy.distribution.mode(logits)
         else:
@@ -165,11 +162,7 @@ class PolicyService:
         masks: Sequence[list[list[Any]] | None] | None = None,
     ) -> DistributionResult:
         policy = version.loaded
-        mask = self._masks(version, masks, len(rows))
-        with self.registry.lease(version):
-            outputs = await self._forward(version, rows)
-        logits = _masked(policy.distribution, outputs.logits, mask)
-        self._check(version, logits, mask)
+        outputs, logits = await self._logits(version, rows, self._masks(version, masks, len(rows)))
         exact = policy.distribution.distribution(logits)
         mode = policy.distribution.mode(logits)
         return DistributionResult(
@@ -184,6 +177,19 @@ class PolicyService:
             policy=version.name,
             version=version.version,
         )
+
+    async def _logits(
+        self,
+        version: PolicyVersion,
+        rows: npt.NDArray[np.float32],
+        mask: npt.NDArray[np.bool_] | None,
+    ) -> tuple[ModelOutputs, npt.NDArray[np.floating[Any]]]:
+        """The model's outputs for `rows`, and its logits with the masks applied and checked."""
+        with self.registry.lease(version):
+            outputs = await self._forward(version, rows)
+        logits = _masked(version.loaded.distribution, outputs.logits, mask)
+        self._check(version, logits, mask)
+        return outputs, logits
 
     async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
