@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class KeyFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen: tuple[int, int, int] | None = None
+        self._settled = False
         self.keys: tuple[bytes, ...] = ()
         self.current()
 
@@ -72,10 +74,14 @@ class KeyFile:
         try:
             stat = os.stat(self.path)
             seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if seen != self._seen:
+            if seen != self._seen or not self._settled:
+                # A file rewritten in place within its timestamps' granularity keeps its
+                # (inode, mtime, size): it is read on every check until its mtime is older.
+                self._settled = time.time_ns() - stat.st_mtime_ns > _SETTLE_NS
                 self.keys = _key_lines(self.path.read_text(encoding="utf-8"))
+                if seen != self._seen:
+                    logger.info("read %d API key(s) from %s", len(self.keys), self.path)
                 self._seen = seen
-                logger.info("read %d API key(s) from %s", len(self.keys), self.path)
         except (OSError, UnicodeDecodeError) as error:
             if self._seen != _UNREADABLE:
                 self._seen = _UNREADABLE
@@ -86,6 +92,7 @@ class KeyFile:
 
 
 _UNREADABLE = (-1, -1, -1)
+_SETTLE_NS = 2_000_000_000  # coarser than any file system's mtime (FAT's is 2 s)
 
 
 def _key_lines(text: str) -> tuple[bytes, ...]:
