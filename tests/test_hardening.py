@@ -214,6 +214,7 @@ def test_each_of_several_keys_opens(slow: RunningServer) -> None:
     for wrong in ["key-a, key-b", "key-a,key-b", "key-c", EXAMPLE_KEY]:  # the schema's key too
         assert opens(slow, wrong) == 403, wrong
     assert httpx.get(slow.url + "/schema").status_code == 403
+    assert "key-a" not in slow.output() and "key-b" not in slow.output()
 
 
 def replace(path: Path, text: str) -> None:
@@ -239,6 +240,9 @@ def test_keys_rotate_in_their_file_without_a_restart(keyed: tuple[RunningServer,
     assert until(lambda: opens(server, "nxt-key") == 200)
     assert opens(server, "new-key") == 403
     assert opens(server, EXAMPLE_KEY) == 403, "the file's keys override the schema's"
+    log = server.output()
+    assert "API key(s) from" in log
+    assert not any(key in log for key in ["steady-key", "old-key", "new-key", "nxt-key"])
 
 
 def test_a_key_file_without_keys_opens_nothing(keyed: tuple[RunningServer, Path]) -> None:
@@ -254,6 +258,7 @@ def test_a_key_file_without_keys_opens_nothing(keyed: tuple[RunningServer, Path]
         keys.unlink()
         keys.mkdir()  # unreadable again: the keys last read stay
         assert opens(server, "steady-key") == 200
+        assert "cannot read the API key file" in server.output()
     finally:
         if keys.is_dir():
             keys.rmdir()
