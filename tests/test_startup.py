@@ -195,11 +195,6 @@ def test_ctrl_c_during_start_up_says_so_in_one_line_and_exits_130(
     assert [line for line in err.splitlines() if line.startswith("policy-server")] == [INTERRUPTED]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--workers N (workers.py): the workers finish loading and start before they stop, "
-    "and the supervisor exits 0 without a word",
-)
 def test_ctrl_c_while_workers_start_says_so_and_exits_130(tmp_path: Path) -> None:
     # A cold cache: the first worker converts the model to ONNX for seconds.
     _, code, out, err = interrupt_at("Started parent process", tmp_path / "cache", tmp_path, "2")

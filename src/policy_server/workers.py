@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL_S = 1.0
 HEALTHCHECK_TIMEOUT_S = 30
+CTRL_C = {signal.SIGINT}
 Traffic = tuple[dict[str, float] | None, str | None]
 
 
@@ -256,7 +257,10 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
         return SharedPolicyManager(settings, registry, metrics, state, slot)
 
     try:
-        app = build_app(settings, worker=str(index), managers=manager, steps=SharedSteps(run.steps))
+        with _abandoned_on_sigterm():
+            app = build_app(
+                settings, worker=str(index), managers=manager, steps=SharedSteps(run.steps)
+            )
     except PolicyLoadError as error:
         run.startup_error.write_text(str(error))
     except Exception as error:
@@ -267,6 +271,17 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
         return app
     # uvicorn's supervisor stops on this code rather than restart a worker that cannot start.
     sys.exit(STARTUP_FAILURE)
+
+
+@contextmanager
+def _abandoned_on_sigterm() -> Iterator[None]:
+    """A worker told to stop while it loads stops at once: it serves nothing yet, and a load
+    (TensorFlow converting a model) may take minutes that uvicorn would wait out."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: os._exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_with_supervisor(supervisor: int) -> None:
@@ -311,6 +326,22 @@ class WorkerConfig(uvicorn.Config):
         return functools.partial(worker_app, self.settings, self.run)
 
 
+@contextmanager
+def _ctrl_c_ignored_by_children() -> Iterator[None]:
+    """Workers started meanwhile ignore SIGINT, a disposition they inherit: a terminal's
+    Ctrl-C reaches every process of its group, and the supervisor alone answers it (SIGTERM
+    to each worker), so that no worker prints a KeyboardInterrupt from the middle of an
+    import. Blocked meanwhile, a Ctrl-C for the supervisor waits rather than being ignored
+    (Linux keeps a blocked signal pending whatever its disposition)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, CTRL_C)
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 class Supervisor(Multiprocess):
     """uvicorn's supervisor, which also starts the first worker alone, counts replaced
     workers and forgets their gauges."""
@@ -319,29 +350,41 @@ class Supervisor(Multiprocess):
         super().__init__(config, [config.bind_socket()])
         self.run_folder = run
         self.replaced = 0
+        self.serving = False
+        self.interrupted = False
         self._known: set[int] = set()
 
     def init_processes(self) -> None:
         """The first worker extracts the archives and converts the models to ONNX into the
         cache; the others start once it serves, and read the cache instead of each running
         TensorFlow at once. A broken policy is thus also reported once."""
-        first = Process(self.config, self.sockets)
-        first.start()
-        self.processes.append(first)
+        first = self._start()
         while first.process.is_alive() and not self.signal_queue:
             if first.is_ready(timeout=1):
+                self.serving = True
                 break
             time.sleep(0.1)
         if self.signal_queue or first.exitcode == STARTUP_FAILURE:
             return  # the supervisor's loop stops
         for _ in range(self.processes_num - 1):
-            process = Process(self.config, self.sockets)
+            self._start()
+
+    def _start(self) -> Process:
+        process = Process(self.config, self.sockets)
+        with _ctrl_c_ignored_by_children():
             process.start()
-            self.processes.append(process)
+        self.processes.append(process)
+        return process
+
+    def handle_int(self) -> None:
+        # A Ctrl-C before a worker serves interrupts the start-up, as in one process (exit 130).
+        self.interrupted = not self.serving
+        super().handle_int()
 
     def keep_subprocess_alive(self) -> None:
         before = self._pids()
-        super().keep_subprocess_alive()
+        with _ctrl_c_ignored_by_children():  # it starts the replacements
+            super().keep_subprocess_alive()
         if not self.should_exit.is_set():
             self.replaced += len(before - self._pids())
         self._forget_gone()
@@ -380,40 +423,45 @@ class Supervisor(Multiprocess):
 
 
 def serve_workers(settings: Settings) -> None:
-    """Serve on `settings.resolved_workers` processes until SIGTERM or SIGINT."""
+    """Serve on `settings.resolved_workers` processes until SIGTERM or SIGINT; raises
+    KeyboardInterrupt for a Ctrl-C before a worker served, PolicyLoadError for a worker that
+    could not start."""
     configure_logging(settings.log_level)
     with tempfile.TemporaryDirectory(prefix="policy-server-") as folder:
         run = RunFolder(Path(folder))
         run.metrics.mkdir()
-        # prometheus-client reads it when a worker imports it; the supervisor reads the
-        # folder with MultiProcessCollector instead.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run.metrics)
-        config = WorkerConfig(
-            settings.model_copy(update={"metrics_port": 0}),
-            run,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.resolved_workers,
-            log_level=settings.log_level,
-            log_config=None,
-            access_log=False,
-            # uvicorn replaces a worker that does not answer its health check in time; 5 s
-            # (its default) kills workers still importing on a busy machine. 30 s, as
-            # gunicorn's worker timeout.
-            timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S,
-            **uvicorn_options(settings),
-        )
-        supervisor = Supervisor(config, run)
-        stop_metrics = (
-            supervisor.serve_metrics(settings.host, settings.metrics_port)
-            if settings.metrics_port
-            else None
-        )
-        try:
-            supervisor.run()
-        finally:
-            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-            if stop_metrics is not None:
-                stop_metrics()
-        if run.startup_error.exists():
-            raise PolicyLoadError(run.startup_error.read_text())
+        _supervise(settings, run)
+        failure = run.startup_error.read_text() if run.startup_error.exists() else None
+    if failure is not None:
+        raise PolicyLoadError(failure)
+
+
+def _supervise(settings: Settings, run: RunFolder) -> None:
+    # prometheus-client reads it when a worker imports it; the supervisor reads the folder
+    # with MultiProcessCollector instead.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run.metrics)
+    config = WorkerConfig(
+        settings.model_copy(update={"metrics_port": 0}),
+        run,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.resolved_workers,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        # uvicorn replaces a worker that does not answer its health check in time; 5 s (its
+        # default) kills workers still importing on a busy machine. 30 s, as gunicorn's.
+        timeout_worker_healthcheck=HEALTHCHECK_TIMEOUT_S,
+        **uvicorn_options(settings),
+    )
+    supervisor = Supervisor(config, run)
+    metrics = settings.metrics_port
+    stop_metrics = supervisor.serve_metrics(settings.host, metrics) if metrics else None
+    try:
+        supervisor.run()
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        if stop_metrics is not None:
+            stop_metrics()
+    if supervisor.interrupted:
+        raise KeyboardInterrupt
