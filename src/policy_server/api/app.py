@@ -26,7 +26,7 @@ from policy_server.api.limits import BodySizeLimit
 from policy_server.api.methods import HeadAsGet
 from policy_server.api.observability import RequestObserver
 from policy_server.api.policies import add_policy_routes
-from policy_server.api.routes import Context, build_routes
+from policy_server.api.routes import Context, build_routes, routes_shape
 from policy_server.clients import ClientBuilder
 from policy_server.experience.log import DecisionLog, DecisionLogClosed
 from policy_server.lifecycle import PolicyManager
@@ -140,7 +140,15 @@ def create_app(
     fixed: list[BaseRoute] = list(app.router.routes)
     context = Context(service, keys, settings.max_body_bytes)
 
+    installed: list[object] = []
+
     def install_routes() -> None:
+        """Rebuild the policy routes, only when what they describe changed: a poll that
+        found nothing new must not build (and leave to the collector) a new set."""
+        shape = routes_shape(registry)
+        if installed == [shape]:
+            return
+        installed[:] = [shape]
         app.router.routes = [*fixed, *build_routes(context)]
         app.openapi_schema = None
 

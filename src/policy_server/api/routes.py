@@ -172,6 +172,27 @@ def camel(name: str) -> str:
     return text[:1].lower() + text[1:]
 
 
+def routes_shape(registry: PolicyRegistry) -> tuple[object, ...]:
+    """What the generated routes depend on: the default policy, and each policy's primary
+    version (its schema describes the routes) and the keys that open it."""
+    return (
+        registry.default_name,
+        *(
+            (
+                entry.name,
+                None if entry.primary is None else (entry.primary.version, entry.primary.loaded_at),
+                entry.settings.max_batch_observations,
+                tuple(
+                    v.policy.schema.parameters.api_key
+                    for v in entry.versions.values()
+                    if v.policy is not None
+                ),
+            )
+            for entry in registry.entries()
+        ),
+    )
+
+
 def build_routes(context: Context) -> list[PolicyRoute]:
     """Every policy's routes, described by each policy's primary version."""
     registry = context.registry
