@@ -7,6 +7,7 @@ it never blocks predictions, and the original's regeneration at every start is g
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import importlib.resources
 import io
@@ -180,26 +181,31 @@ class ClientBuilder:
         started = time.perf_counter()
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder.parent) as work:
-                sources = generate(document, Path(work), self.languages, java=self._java)
-                staging = Path(work) / "zips"
-                staging.mkdir()
-                for language, source in sources.items():
-                    (staging / f"{language}.zip").write_bytes(zip_folders({language: source}))
-                (staging / self.BUNDLE).write_bytes(zip_folders(sources))
-                if not self._complete(folder):  # another server may have made it meanwhile
-                    shutil.rmtree(folder, ignore_errors=True)
-                    staging.rename(folder)
+            # One generation per document across processes (the workers of one server, or
+            # servers sharing a cache): the others wait for it and take its result.
+            with (folder.parent / f"{folder.name}.lock").open("ab") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                if not self._complete(folder):
+                    self._generate(document, folder)
             self._folder = folder
-            logger.info(
-                "generated clients %s in %.1fs", self.languages, time.perf_counter() - started
-            )
+            logger.info("clients %s ready in %.1fs", self.languages, time.perf_counter() - started)
         except ClientsUnavailable as error:
             logger.warning("client generation failed: %s", error.message)
             self._error = error
         except Exception as error:
             logger.exception("client generation failed")
             self._error = ClientsUnavailable(f"client generation failed: {error}")
+
+    def _generate(self, document: dict[str, Any], folder: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=folder.parent) as work:
+            sources = generate(document, Path(work), self.languages, java=self._java)
+            staging = Path(work) / "zips"
+            staging.mkdir()
+            for language, source in sources.items():
+                (staging / f"{language}.zip").write_bytes(zip_folders({language: source}))
+            (staging / self.BUNDLE).write_bytes(zip_folders(sources))
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
 
     async def archive(self, language: str | None = None) -> bytes:
         """One language's zip, or one zip with a folder per language; waits for the
