@@ -105,9 +105,11 @@ def test_serve_deploy_runs_both_policies_on_a_ray_cluster(
     )
     app_name = written["applications"][0]["name"]
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    env = os.environ | {"HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    subprocess.run(
+    # Nothing of a Ray this process may have started (Ray Data in another test sets RAY_*
+    # variables, token authentication among them): the cluster is a new one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run(
         [
             str(BIN / "ray"),
             "start",
@@ -123,12 +125,23 @@ def test_serve_deploy_runs_both_policies_on_a_ray_cluster(
             "--temp-dir",
             temp_dir,
             "--disable-usage-stats",
+            # Ports Ray would otherwise take at fixed numbers, which another Ray on this
+            # machine (a bench, another test run) may hold.
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--runtime-env-agent-port",
+            str(free_port()),
         ],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=180,
         env=env,
     )
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         deployed = subprocess.run(
             [
