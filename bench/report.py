@@ -314,29 +314,36 @@ ANALYSIS = """\
 The cost of each part of the request path is measured in-process by `bench/components.py`
 (run by `make bench`) and recorded in [COMPONENTS.md](COMPONENTS.md); `bench/PROFILING.md`
 says how to profile the running server. On top of what the ceiling does, a prediction
-pays for the API-key check (three FastAPI security dependencies: header, query and cookie),
-sampling the action from the logits, the forward pass, the metrics and request id of every
-request, and the micro-batcher's hand-off to the model call. At 4,000 to 8,000 requests/s
-a request's whole budget is 125-250 us: the 0.9x target would need all of that to cost
-about a tenth of the budget, which one Python process cannot do while it checks the key
-and samples.
+pays for the API-key check, sampling the action from the logits, the forward pass, the
+metrics and request id of every request (the request observer, one of several ASGI
+middlewares every request passes through), and the micro-batcher's hand-off to the model
+call. At 4,000 to 8,000 requests/s a request's whole budget is 125-250 us per process.
 
 What was done: ONNX Runtime instead of TensorFlow (see COMPONENTS.md for both forward
-passes); single requests on a one-thread ONNX session and batches of 256 or more on a
-session using every core without spinning; the model runs on the event loop rather than
-in a thread (a thread hand-off costs more than the model call); routes are registered on
-the app's own router (FastAPI's include_router adds a matching layer); orjson parses and
-writes JSON; the cyclic garbage collector is frozen after start-up, which keeps its pauses
-out of the tail latency; uvicorn runs with httptools and uvloop.
+passes); single requests on a one-thread ONNX session; the model runs on the event loop
+rather than in a thread (a thread hand-off costs more than the model call); orjson parses
+and writes JSON; the cyclic garbage collector is frozen after start-up, which keeps its
+pauses out of the tail latency; uvicorn runs with httptools and uvloop; and `--workers`
+runs one process per core behind one port (the workers tables above).
 
-What would close the rest: several server processes behind one port (uvicorn workers, or
-the Ray backend's replicas behind Serve's proxy) so that HTTP parsing uses every core; the
-key check as one ASGI middleware instead of three dependencies; and a compiled sampler
-for single observations. The batch endpoint is limited by pydantic building one object per
-observation, by writing 1,000 JSON objects and, for mouse_and_cheese (two 256-unit
-layers), by the forward pass itself on two cores shared with the HTTP side;
-`/predict_raw_batch` skips the per-field objects, and a columnar response (one array per
-output) would remove most of the rest.
+What would close the rest: on this 2-core machine wrk itself takes most of a core, so two
+workers cannot double one, and the targets that compare policy-server's processes with the
+one process of the FastAPI constant (1.5x) or of the bare-ASGI app (0.35x) need each
+worker's request to cost little more than the constant answer's. The candidates are fewer
+middleware layers per request (each is a Python call in and out for every request) and a
+compiled sampler for single observations. SCALING.md shows the same server on 16 cores,
+where throughput grows with workers. The batch endpoint is limited by pydantic building
+one object per observation, by writing 1,000 JSON objects and, for mouse_and_cheese (two
+256-unit layers), by the forward pass itself on cores shared with the HTTP side.
+
+The features' misses, as measured here and not profiled: during a reload the p99 is far
+above the steady p99 although the reload itself answers within a fraction of a second (both
+in the repository table), which suggests that requests wait while the worker that received
+`POST /admin/reload` loads the new version; loading it off that worker's event loop and
+swapping it in at once would keep answering. The decision log's cost shows in every
+request's latency, so at least part of it lies on the request path, and more of it with
+`--decision-log-sync`, which answers only once the decision is written;
+`bench/PROFILING.md`'s method applies to both.
 
 Why the peers are slower with the same model and the same work: LitServe's FastAPI
 process hands each request to its inference worker process through a multiprocessing queue
