@@ -34,7 +34,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         server = ours(target, cache, "--workers", str(count))
         try:
             server.start()
-            server.warm_up()
+            server.warm_up(seconds=args.warm_up)
             for connections in args.connections:
                 load = wrk(
                     server.url + "/predict",
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--connections", type=_numbers, default=[32, 128])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--threads", type=int, default=4, help="wrk threads")
+    parser.add_argument("--warm-up", type=int, default=10, help="seconds of load before measuring")
     parser.add_argument("--shared", type=Path, default=SHARED, help="the Pathmind policies")
     parser.add_argument("--cache", type=Path, help="a warm ONNX cache to reuse")
     parser.add_argument("--out", type=Path, default=SCALING)
