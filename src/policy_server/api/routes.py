@@ -13,7 +13,7 @@ import inspect
 import json
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 import orjson
@@ -132,6 +132,8 @@ class Context:
     service: PolicyService
     keys: KeyRing
     max_body_bytes: int = 8 * 1024**2
+    # The route sets built last, by what they describe; see build_routes.
+    built: dict[tuple[object, ...], list[PolicyRoute]] = field(default_factory=dict)
 
     @property
     def registry(self) -> PolicyRegistry:
@@ -198,6 +200,7 @@ def build_routes(context: Context) -> list[PolicyRoute]:
     registry = context.registry
     routes: list[PolicyRoute] = []
     models: dict[tuple[str, str], Any] = {}
+    built: dict[tuple[object, ...], list[PolicyRoute]] = {}
     for entry in registry.entries():
         primary = entry.primary
         if primary is None:
@@ -227,8 +230,18 @@ def build_routes(context: Context) -> list[PolicyRoute]:
                     entry.name,
                 )
             )
+        keyed = context.keys.policy_keys(entry) is not None
         for route_set in sets:
-            routes += _routes_of(context, entry, policy, route_set, models)
+            # A route set whose policy did not change is reused: building FastAPI routes and
+            # their models is the costly part of a reload, and it runs on the event loop.
+            limit = entry.settings.max_batch_observations
+            key = (route_set, primary.version, primary.loaded_at, keyed, limit)
+            found = context.built.get(key)
+            if found is None:
+                found = _routes_of(context, entry, policy, route_set, models)
+            built[key] = found
+            routes += found
+    context.built = built
     return routes
 
 
