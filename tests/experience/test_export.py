@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +94,12 @@ def test_a_default_reward_keeps_decisions_that_have_none(tmp_path: Path) -> None
 
 
 def test_ray_data_and_rllib_read_the_rllib_and_parquet_exports(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
-    ray_data = pytest.importorskip("ray.data")
+    pytest.importorskip("ray.data")
 
     bandit_log(tmp_path / "log", 50)
     json_out = export_experience(tmp_path / "log", tmp_path / "json", "rllib")
     parquet_out = export_experience(tmp_path / "log", tmp_path / "parquet", "parquet")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        from_json = ray_data.read_json(str(tmp_path / "json")).take_all()
-        from_parquet = ray_data.read_parquet(str(tmp_path / "parquet")).take_all()
-    finally:
-        ray.shutdown()
+    from_json, from_parquet = ray_data_rows(tmp_path / "json", tmp_path / "parquet")
     assert len(from_json) == len(from_parquet) == json_out["steps"] == parquet_out["steps"] == 50
     by_id = {row["eps_id"]: row for row in from_parquet}
     for row in from_json:
@@ -118,19 +116,91 @@ def test_ray_data_and_rllib_read_the_rllib_and_parquet_exports(tmp_path: Path) -
     assert sum(e.get_return() for e in episodes) == sum(row["rewards"] for row in from_json)
 
 
-def rllib_episodes(rows: list[dict[str, object]]) -> list:  # type: ignore[type-arg]
+_RAY_DATA = """
+import json, sys
+import ray
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    rows = [
+        ray.data.read_json(sys.argv[1]).take_all(),
+        ray.data.read_parquet(sys.argv[2]).take_all(),
+    ]
+finally:
+    ray.shutdown()
+json.dump(rows, sys.stdout, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+"""
+
+
+def ray_data_rows(json_dir: Path, parquet_dir: Path) -> tuple[list[dict], list[dict]]:  # type: ignore[type-arg]
+    """The rows Ray Data reads from both exports, read in a process of its own: Ray (as
+    RLlib below) leaves TensorFlow in graph mode for the tests that run after it here."""
+    result = subprocess.run(
+        [sys.executable, "-c", _RAY_DATA, str(json_dir), str(parquet_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from_json, from_parquet = json.loads(result.stdout)
+    return from_json, from_parquet
+
+
+@dataclass(frozen=True)
+class RLlibEpisode:
+    """What RLlib's mapping made of an episode's rows, as read back from its process."""
+
+    id_: str
+    steps: int
+    is_terminated: bool
+    total: float
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def get_return(self) -> float:
+        return self.total
+
+
+_RLLIB_MAPPING = """
+import json, sys
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.offline.offline_prelearner import OfflinePreLearner
+
+rows = json.load(sys.stdin)
+prelearner = OfflinePreLearner.__new__(OfflinePreLearner)
+prelearner.config = AlgorithmConfig()
+columns = {key: [row[key] for row in rows] for key in rows[0]}
+episodes = prelearner._map_to_episodes(columns)["episodes"]
+json.dump([[e.id_, len(e), bool(e.is_terminated), float(e.get_return())] for e in episodes],
+          sys.stdout)
+"""
+
+
+def rllib_episodes(rows: list[dict[str, object]]) -> list[RLlibEpisode]:
     """RLlib's own mapping from offline rows to SingleAgentEpisodes (its OfflinePreLearner).
 
     The pre-learner is made without __init__, which would build a learner and a model this
-    test does not need; the mapping only reads the config's column schema.
+    test does not need; the mapping only reads the config's column schema. It runs in a
+    process of its own: RLlib leaves TensorFlow in graph mode, which would break the tests
+    that run after it in this process.
     """
-    offline = pytest.importorskip("ray.rllib.offline.offline_prelearner")
-    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+    # Not imported here: RLlib imported before TensorFlow turns TensorFlow's eager mode off.
+    if importlib.util.find_spec("ray.rllib") is None:
+        pytest.skip("RLlib is not installed (the ray extra)")
+    result = subprocess.run(
+        [sys.executable, "-c", _RLLIB_MAPPING],
+        input=json.dumps(rows, default=_plain),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [RLlibEpisode(*episode) for episode in json.loads(result.stdout)]
 
-    prelearner = offline.OfflinePreLearner.__new__(offline.OfflinePreLearner)
-    prelearner.config = AlgorithmConfig()
-    columns = {key: [row[key] for row in rows] for key in rows[0]}
-    return prelearner._map_to_episodes(columns)["episodes"]  # type: ignore[no-any-return]
+
+def _plain(value: object) -> object:
+    """numpy values that Ray Data hands back, as JSON."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def test_minari_loads_the_exported_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
