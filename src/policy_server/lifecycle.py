@@ -168,7 +168,9 @@ class PolicyManager:
         self.registry.default_name = self._default(scan)
         await self._retire_unreachable(report)
 
-    async def _load_new(self, entry: PolicyEntry, source: VersionSource, report: Report) -> None:
+    async def _load_new(
+        self, entry: PolicyEntry, source: VersionSource, report: ReloadReport
+    ) -> None:
         known = entry.versions.get(source.version)
         stamp = _stamp(source.folder)
         if known is not None and known.state is not State.FAILED:
@@ -309,5 +311,4 @@ def _stamp(folder: Path) -> tuple[float, ...]:
     return tuple(stamps)
 
 
-Report = ReloadReport
 _background: set[asyncio.Task[None]] = set()

@@ -202,9 +202,6 @@ class PolicyRegistry:
             )
         return found
 
-    def get(self, name: str | None = None, version: str | None = None) -> LoadedPolicy:
-        return self.resolve(name, version).loaded
-
     @contextmanager
     def lease(self, version: PolicyVersion) -> Iterator[PolicyVersion]:
         """Hold `version` for a request: it is not unloaded before the lease ends."""
@@ -215,12 +212,6 @@ class PolicyRegistry:
             version.in_flight -= 1
             if version.in_flight == 0 and version.idle is not None:
                 version.idle.set()
-
-    def __iter__(self) -> Iterator[LoadedPolicy]:
-        for entry in self._entries.values():
-            for version in entry.ordered():
-                if version.policy is not None and version.state is State.READY:
-                    yield version.policy
 
     def entries(self) -> list[PolicyEntry]:
         return list(self._entries.values())

@@ -122,11 +122,6 @@ class PolicyService:
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
 
-    def resolve(
-        self, name: str | None, version: str | None, episode_id: str | None = None
-    ) -> PolicyVersion:
-        return self.registry.resolve(name, version, episode_id)
-
     async def predict(
         self,
         version: PolicyVersion,

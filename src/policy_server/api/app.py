@@ -133,8 +133,7 @@ def create_app(
     if builder.languages:
 
         async def any_policy_key(request: Request) -> None:
-            if not any(keys.opens(request, e) for e in registry.entries()):
-                keys.check(request, registry.entry())
+            keys.check_any(request, registry.entries())
 
         add_client_routes(app.router, builder, [Depends(any_policy_key), Security(header_scheme)])
     fixed: list[BaseRoute] = list(app.router.routes)

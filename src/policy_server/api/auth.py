@@ -153,6 +153,15 @@ class KeyRing:
         if not _matches(key.encode(), keys):
             raise NotAuthenticated("wrong API key")
 
+    def check_any(self, connection: HTTPConnection, entries: list[PolicyEntry]) -> None:
+        """For routes of no one policy (/policies, /rewards, /clients): a key that opens
+        at least one policy."""
+        if any(self.opens(connection, entry) for entry in entries):
+            return
+        if entries:
+            self.check(connection, entries[0])  # says "missing" or "wrong" key
+        raise NotAuthenticated("this key opens no policy")
+
     def check_admin(self, connection: HTTPConnection) -> None:
         key = supplied_key(connection)
         if key is None:

@@ -59,8 +59,7 @@ def add_experience_routes(
     log: DecisionLog,
 ) -> None:
     async def any_policy_key(request: Request) -> None:
-        if not any(keys.opens(request, entry) for entry in registry.entries()):
-            keys.check(request, registry.entry())
+        keys.check_any(request, registry.entries())
 
     # The key is checked before the body is read (see `key_first`).
     keyed = APIRouter(route_class=key_first(any_policy_key))

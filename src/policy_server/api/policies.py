@@ -13,7 +13,7 @@ from policy_server.api.auth import KeyRing, header_scheme, key_first
 from policy_server.api.errors import ERROR_RESPONSES, POLICY_RESPONSES
 from policy_server.api.models import PolicyList, PolicyListing, VersionInfo
 from policy_server.api.routes import json_response
-from policy_server.errors import NotAuthenticated, PolicyLoadError, PolicyNotFound
+from policy_server.errors import PolicyLoadError, PolicyNotFound
 from policy_server.lifecycle import PolicyManager
 from policy_server.registry import PolicyEntry, PolicyRegistry
 
@@ -70,10 +70,8 @@ def add_policy_routes(
         dependencies=security,
     )
     async def list_policies(request: Request) -> Response:
+        keys.check_any(request, registry.entries())
         opened = [e for e in registry.entries() if keys.opens(request, e)]
-        if not opened:
-            keys.check(request, registry.entry())  # says "missing" or "wrong" key
-            raise NotAuthenticated("this key opens no policy")
         body = PolicyList(
             default=registry.default_name, policies=[listing(registry, e) for e in opened]
         )
