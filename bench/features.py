@@ -165,17 +165,22 @@ def measure_reload(
     time.sleep(duration / 2)
     add_policy(target, repository, 10)
     shutil.rmtree(repository / f"{policy_stem(target)}_09")
+    status, took = post_reload(server)
+    output, _ = load.communicate(timeout=duration + 120)
+    return {"reload": parse_wrk(output), "reload_status": status, "reload_s": took}
+
+
+def post_reload(server: Server) -> tuple[str, float]:
+    """`POST /admin/reload`: its status and body (or why it failed), and how long it took."""
     started = time.perf_counter()
     try:
         response = httpx.post(
             server.url + "/admin/reload", headers={"access-token": ADMIN_KEY}, timeout=120
         )
-        status: int | str = f"{response.status_code} {response.text[:160]}"
+        status = f"{response.status_code} {response.text[:160]}"
     except httpx.HTTPError as error:
         status = f"failed: {error!r}"
-    took = time.perf_counter() - started
-    output, _ = load.communicate(timeout=duration + 120)
-    return {"reload": parse_wrk(output), "reload_status": status, "reload_s": took}
+    return status, time.perf_counter() - started
 
 
 def measure_decision_log(

@@ -30,6 +30,7 @@ from features import (
     ServeFlags,
     add_policy,
     policy_stem,
+    post_reload,
     ready_route,
     repository_server,
 )
@@ -236,15 +237,8 @@ def reload_now(
         return {"done": True, "note": "not available: no repository or no --admin-key yet"}
     add_policy(target, repository, count + 1)
     shutil.rmtree(repository / f"{policy_stem(target)}_{count:02d}")
-    started = time.perf_counter()
-    try:
-        response = httpx.post(
-            server.url + "/admin/reload", headers={"access-token": ADMIN_KEY}, timeout=120
-        )
-        status: int | str = f"{response.status_code} {response.text[:160]}"
-    except httpx.HTTPError as error:
-        status = f"failed: {error!r}"
-    return {"done": True, "status": status, "seconds": time.perf_counter() - started}
+    status, seconds = post_reload(server)
+    return {"done": True, "status": status, "seconds": seconds}
 
 
 def verdict(ok: bool) -> str:
