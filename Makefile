@@ -12,7 +12,7 @@ EXAMPLE ?= examples/cartpole
 # pytest-xdist workers; the slow suites share one server per module.
 WORKERS ?= 2
 
-.PHONY: install serve ui test lint bench soak example clean system-bench system-test
+.PHONY: install serve ui test lint check bench soak example clean system-bench system-test
 
 # What the suite needs from Debian's packages, as command:package; installed where missing.
 TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium
@@ -42,6 +42,19 @@ $(BIN)/.stamp-ui: pyproject.toml $(BIN)/.stamp-venv
 # The demo page, on :8501; it talks to the server `make serve` runs.
 ui: $(BIN)/.stamp-ui
 	$(BIN)/streamlit run frontend.py
+
+# ruff and mypy in seconds, in a small environment of their own (no TensorFlow, no Ray).
+CHECK_VENV ?= .venv-check
+$(CHECK_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECK_VENV)/bin/pip install --quiet -e ".[check]"
+	touch $@
+
+check: $(CHECK_VENV)/.stamp
+	$(CHECK_VENV)/bin/ruff check .
+	$(CHECK_VENV)/bin/ruff format --check .
+	$(CHECK_VENV)/bin/mypy
 
 lint: install
 	$(BIN)/ruff check .
@@ -75,4 +88,4 @@ example: install
 	$(BIN)/python examples/make_cartpole.py --out $(EXAMPLE)
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECK_VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -6,9 +6,9 @@ original's test suite imports this module before copying the policy in), the app
 at its first start or request.
 """
 
-from policy_server.api.lazy import LazyApp
-from policy_server.files import SCHEMA_NAME
-from policy_server.server import build_app
+from policy_server.hosting.app import build_app
+from policy_server.hosting.lazy_app import LazyApp
+from policy_server.loading.layout import SCHEMA_NAME
 from policy_server.settings import Settings
 
 app = LazyApp(lambda: build_app(Settings()))

@@ -1,5 +1,5 @@
-"""`streamlit run frontend.py`: the page to try a policy (see policy_server/ui.py)."""
+"""`streamlit run frontend.py`: the page to try a policy (see policy_server/ui/page.py)."""
 
-from policy_server.ui import main
+from policy_server.ui.page import main
 
 main()

@@ -9,7 +9,7 @@ import sys
 import fire
 
 from policy_server.errors import PolicyLoadError
-from policy_server.files import PolicyFiles
+from policy_server.loading.commands import PolicyFiles
 
 CLI = PolicyFiles()
 

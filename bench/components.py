@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.batching import MicroBatcher
-from policy_server.loader import load_policy
+from policy_server.hosting.app import build_app
+from policy_server.loading.loader import load_policy
 from policy_server.runtime.onnx import OnnxRuntime
-from policy_server.server import build_app
+from policy_server.serving.batching import MicroBatcher
 from policy_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

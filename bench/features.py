@@ -24,7 +24,7 @@ class ServeFlags:
 
     def __init__(self) -> None:
         self.text = subprocess.run(
-            [PYTHON, "-m", "policy_server.cli", "serve", "--help"],
+            [PYTHON, "-m", "policy_server.hosting.cli", "serve", "--help"],
             capture_output=True,
             text=True,
             check=True,

@@ -204,7 +204,7 @@ def ours(
     command = [
         PYTHON,
         "-m",
-        "policy_server.cli",
+        "policy_server.hosting.cli",
         "serve",
         str(target.path),
         "--port",

@@ -110,7 +110,7 @@ def serve_command(policy: Path, cache_dir: Path, *flags: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "policy_server.cli",
+        "policy_server.hosting.cli",
         "serve",
         str(policy),
         "--port",

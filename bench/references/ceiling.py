@@ -11,8 +11,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from policy_server.observation import observation_model
-from policy_server.schema import load_schema
+from policy_server.policy.observation import observation_model
+from policy_server.policy.schema import load_schema
 
 ANSWER = {"actions": [0], "probability": 1.0, "log_probability": 0.0, "value": 0.0}
 

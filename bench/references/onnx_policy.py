@@ -15,9 +15,9 @@ import numpy as np
 import onnxruntime
 from pydantic import BaseModel
 
-from policy_server.observation import observation_model
+from policy_server.policy.observation import observation_model
+from policy_server.policy.schema import load_schema
 from policy_server.runtime.onnx import LAYOUT_KEY
-from policy_server.schema import load_schema
 
 
 def authorized(token: str | None, key: str) -> bool:

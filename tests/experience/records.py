@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from policy_server.experience.records import Decision
-from policy_server.service import DecisionIds
+from policy_server.serving.service import DecisionIds
 
 new_ids = DecisionIds()
 

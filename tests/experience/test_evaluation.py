@@ -11,7 +11,7 @@ import pytest
 from policy_server.experience import DecisionLog
 from policy_server.experience.candidate import PolicyCandidate
 from policy_server.experience.evaluation import evaluate
-from policy_server.loader import load_policy
+from policy_server.loading.loader import load_policy
 from policy_server.settings import Settings
 from tests.experience.records import decision, softmax
 from tests.policies import linear_onnx_policy

@@ -6,8 +6,8 @@ import numpy as np
 import orjson
 import pytest
 
-from policy_server.distribution import Categorical, DiagGaussian
 from policy_server.experience.records import decision_records
+from policy_server.policy.distribution import Categorical, DiagGaussian
 from tests.experience.records import new_ids, simple
 
 

@@ -263,7 +263,7 @@ def export(log: Path, out: Path, fmt: str) -> list[dict[str, Any]]:
 
 def policy_server(arguments: list[str], tmp: Path) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "policy_server.cli", *arguments],
+        [sys.executable, "-m", "policy_server.hosting.cli", *arguments],
         capture_output=True,
         text=True,
         cwd=ROOT,

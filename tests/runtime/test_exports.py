@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policy_server.archive import extract_cached
-from policy_server.distribution import distribution_for
 from policy_server.errors import PolicyLoadError
+from policy_server.loading.archive import extract_cached
+from policy_server.policy.distribution import distribution_for
+from policy_server.policy.schema import PolicySchema, load_schema
+from policy_server.policy.spaces import Discrete
 from policy_server.runtime.base import ModelOutputs
 from policy_server.runtime.convert import convert
 from policy_server.runtime.onnx import OnnxRuntime
 from policy_server.runtime.tensorflow import TensorFlowRuntime
 from policy_server.runtime.verification import verification_observations, verify
-from policy_server.schema import PolicySchema, load_schema
-from policy_server.spaces import Discrete
 from tests.exports import (
     Linear,
     masked_policy,
@@ -127,7 +127,7 @@ def test_verification_observations_respect_the_schema(masked: Served) -> None:
 
 
 def test_verification_observations_stay_within_bounds_beyond_int64() -> None:
-    from policy_server.schema import parse_schema
+    from policy_server.policy.schema import parse_schema
 
     schema = parse_schema(
         {
@@ -143,8 +143,8 @@ def test_verification_observations_stay_within_bounds_beyond_int64() -> None:
 
 
 def test_masks_of_a_multi_discrete_policy_leave_an_action_per_component() -> None:
-    from policy_server.schema import parse_schema
-    from policy_server.spaces import MultiDiscrete
+    from policy_server.policy.schema import parse_schema
+    from policy_server.policy.spaces import MultiDiscrete
 
     schema = parse_schema(
         {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from policy_server.errors import PolicyLoadError
-from policy_server.loader import load_policy
+from policy_server.loading.loader import load_policy
 from policy_server.runtime.convert import convert
 from policy_server.runtime.onnx import OnnxRuntime
 from policy_server.settings import Settings
@@ -42,7 +42,7 @@ def test_onnx_agrees_with_tensorflow(name: str, tmp_path: Path) -> None:
 PROBE = """
 import sys
 from pathlib import Path
-from policy_server.loader import load_policy
+from policy_server.loading.loader import load_policy
 from policy_server.settings import Settings
 policy = load_policy(Settings(policy_path=Path(sys.argv[1]), cache_dir=Path(sys.argv[2])))
 print(policy.runtime.name, "tensorflow" in sys.modules)

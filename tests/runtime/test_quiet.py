@@ -14,16 +14,16 @@ FIRST_LOAD = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO)
-from policy_server.archive import extract_cached
+from policy_server.loading.archive import extract_cached
 from policy_server.runtime.convert import convert
 from policy_server.runtime.tensorflow import TensorFlowRuntime
-from policy_server.schema import load_schema
+from policy_server.policy.schema import load_schema
 folder, cache = Path(sys.argv[1]), Path(sys.argv[2])
 schema = load_schema(folder / "schema.yaml")
 model = extract_cached(folder / "saved_model.zip", cache, 10**9)
 runtime = TensorFlowRuntime(model, schema.parameters)
 convert(runtime, cache / "policy.onnx", schema)
-logging.getLogger("policy_server.loader").info("loaded %s", runtime.action_space)
+logging.getLogger("policy_server.loading.loader").info("loaded %s", runtime.action_space)
 """
 
 
@@ -40,7 +40,9 @@ def test_first_load_of_a_real_policy_is_quiet(tmp_path: Path) -> None:
         check=True,
     )
     lines = result.stderr.splitlines()
-    assert lines == ["INFO:policy_server.loader:loaded MultiDiscrete(nvec=(6, 6, 6))"], lines
+    assert lines == ["INFO:policy_server.loading.loader:loaded MultiDiscrete(nvec=(6, 6, 6))"], (
+        lines
+    )
     assert (tmp_path / "policy.onnx").is_file()
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policy_server.archive import extract_cached
+from policy_server.loading.archive import extract_cached
+from policy_server.policy.schema import Parameters
+from policy_server.policy.spaces import Discrete, MultiDiscrete
 from policy_server.runtime.tensorflow import TensorFlowRuntime
-from policy_server.schema import Parameters
-from policy_server.spaces import Discrete, MultiDiscrete
 from tests.conftest import EXAMPLE, shared_model
 from tests.reference import load_signature, reference_outputs
 

@@ -7,8 +7,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.distribution import Categorical
-from policy_server.registry import LoadedPolicy
+from policy_server.policy.distribution import Categorical
+from policy_server.policy.loaded import LoadedPolicy
 
 FloatArray = npt.NDArray[np.float64]
 

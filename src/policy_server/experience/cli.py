@@ -86,7 +86,7 @@ def _export(arguments: argparse.Namespace) -> int:
 def _evaluate(arguments: argparse.Namespace) -> int:
     from policy_server.experience.candidate import PolicyCandidate
     from policy_server.experience.evaluation import evaluate
-    from policy_server.loader import load_policy
+    from policy_server.loading.loader import load_policy
     from policy_server.settings import Settings
 
     policy = load_policy(Settings(policy_path=arguments.candidate))

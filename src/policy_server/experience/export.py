@@ -104,8 +104,8 @@ def _rllib(experience: Experience, out: Path | str) -> Path:
 
 def _parquet(experience: Experience, out: Path | str) -> Path:
     try:
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
     except ImportError as error:
         raise ImportError(f"the parquet export needs pyarrow: {EXTRA}") from error
     rows = list(rllib_rows(experience))
@@ -119,8 +119,8 @@ def _parquet(experience: Experience, out: Path | str) -> Path:
 
 def _minari(experience: Experience, out: Path | str) -> str:
     try:
-        import minari  # type: ignore[import-untyped]
-        from minari.data_collector import EpisodeBuffer  # type: ignore[import-untyped]
+        import minari
+        from minari.data_collector import EpisodeBuffer
     except ImportError as error:
         raise ImportError(f"the minari export needs minari: {EXTRA}") from error
     buffers = [

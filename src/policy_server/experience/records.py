@@ -14,7 +14,7 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.distribution import Actions, Distribution
+from policy_server.policy.distribution import Actions, Distribution
 
 
 class Shadow(TypedDict):

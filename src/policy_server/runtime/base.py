@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import PolicyLoadError
-from policy_server.schema import Parameters
-from policy_server.spaces import ActionSpace, Box, Discrete, MultiDiscrete
+from policy_server.policy.schema import Parameters
+from policy_server.policy.spaces import ActionSpace, Box, Discrete, MultiDiscrete
 
 logger = logging.getLogger(__name__)
 

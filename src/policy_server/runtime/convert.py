@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from policy_server.errors import PolicyLoadError
+from policy_server.policy.schema import PolicySchema
 from policy_server.runtime.onnx import LAYOUT_KEY, OnnxLayout, OnnxRuntime, open_session
 from policy_server.runtime.quiet import quiet_frameworks
 from policy_server.runtime.tensorflow import TensorFlowRuntime
 from policy_server.runtime.verification import verify
-from policy_server.schema import PolicySchema
 
 logger = logging.getLogger(__name__)
 

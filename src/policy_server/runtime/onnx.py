@@ -11,8 +11,8 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import PolicyLoadError
+from policy_server.policy.spaces import ActionSpace, space_from_dict
 from policy_server.runtime.base import ModelOutputs
-from policy_server.spaces import ActionSpace, space_from_dict
 
 LAYOUT_KEY = "policy_server.layout"
 

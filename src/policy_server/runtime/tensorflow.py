@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.archive import find_saved_model
 from policy_server.errors import PolicyLoadError
+from policy_server.policy.schema import Parameters
 from policy_server.runtime.base import ModelOutputs, SignatureLayout, TensorInfo, read_layout
 from policy_server.runtime.quiet import (
     native_notices_dropped,
     quiet_framework_loggers,
     quiet_frameworks,
 )
-from policy_server.schema import Parameters
+from policy_server.runtime.saved_model import find_saved_model
 
 logger = logging.getLogger(__name__)
 

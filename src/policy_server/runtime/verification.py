@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.distribution import distribution_for
 from policy_server.errors import PolicyLoadError
+from policy_server.policy.distribution import distribution_for
+from policy_server.policy.schema import FieldType, ObservationField, PolicySchema
+from policy_server.policy.spaces import ActionSpace, Box, categorical_sizes
 from policy_server.runtime.base import ModelOutputs, PolicyRuntime
-from policy_server.schema import FieldType, ObservationField, PolicySchema
-from policy_server.spaces import ActionSpace, Box, categorical_sizes
 
 if TYPE_CHECKING:
     from policy_server.runtime.tensorflow import TensorFlowRuntime

@@ -1,0 +1,1 @@
+"""A policy: its schema, action spaces, exact action distributions and observation rows."""

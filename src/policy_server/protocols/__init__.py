@@ -1,0 +1,1 @@
+"""Protocols: thin adapters from a wire format to the policy service and back."""

@@ -1,0 +1,331 @@
+"""Request bodies of the prediction routes, built per policy version from its schema.
+
+Every route takes the original flat body (a typed observation, or `{"obs": [...]}`) or the
+envelope `{"observation": <that body>, "episode_id": ..., "step": ..., "action_mask": ...}`.
+The envelope is told apart by `observation` holding a JSON object: no schema field can hold
+one, so a schema with a field named `observation` keeps its flat body.
+
+The same type expressions serve validation (under plain names, cached per version) and the
+OpenAPI document (under names prefixed per policy, so that each policy's components and SDK
+classes are its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    with_config,
+)
+from pydantic.config import JsonDict
+from typing_extensions import TypedDict
+
+from policy_server.policy.loaded import LoadedPolicy
+from policy_server.policy.observation import (
+    JSON_INT_MAX,
+    dict_rows,
+    observation_dict,
+    observation_model,
+    raw_number,
+    raw_observation_model,
+    whole_number,
+)
+from policy_server.policy.spaces import Box, categorical_sizes
+from policy_server.serving.service import Episode
+
+# Union tags in angle brackets, which no field name has: api/errors.py drops them from paths.
+TYPED, RAW, FLAT, ENVELOPE = "<typed>", "<raw>", "<flat>", "<envelope>"
+# One type, not a union: an error names the value, not a union member.
+MaskValue = Literal[0, 1, True, False]
+
+
+def _is_envelope(body: Any) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("observation"), dict)
+
+
+def _flat_or_envelope(flat: Any, envelope: Any, title: str | None = None) -> Any:
+    def kind(body: Any) -> str:
+        if isinstance(body, BaseModel):
+            return ENVELOPE if "action_mask" in type(body).model_fields else FLAT
+        return ENVELOPE if _is_envelope(body) else FLAT
+
+    union = Annotated[flat, Tag(FLAT)] | Annotated[envelope, Tag(ENVELOPE)]
+    extra = [] if title is None else [Field(title=title)]
+    return Annotated[union, Discriminator(kind), *extra]
+
+
+def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
+    typed_names = set(typed.model_fields)
+
+    def kind(body: Any) -> str:
+        if isinstance(body, BaseModel):
+            return RAW if isinstance(body, raw) else TYPED
+        if isinstance(body, dict) and set(body) == {"obs"} and typed_names != {"obs"}:
+            return RAW
+        return TYPED
+
+    union = Annotated[typed, Tag(TYPED)] | Annotated[raw, Tag(RAW)]  # type: ignore[valid-type]
+    return Annotated[union, Discriminator(kind)]
+
+
+def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseModel]:
+    mask = _mask_type(sizes)
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="An observation with what the server should know of its episode.",
+        observation=(observation, Field(description="The observation, as the flat body.")),
+        episode_id=(
+            str | None,
+            Field(
+                default=None,
+                min_length=1,
+                max_length=128,
+                description="The episode this decision belongs to: every decision of an "
+                "episode is answered by the same policy version.",
+            ),
+        ),
+        step=(
+            Annotated[int, Field(ge=0, le=JSON_INT_MAX), BeforeValidator(whole_number)] | None,
+            Field(
+                default=None,
+                strict=True,
+                description="The step within the episode; counted by the server when absent.",
+            ),
+        ),
+        action_mask=(
+            mask,
+            Field(
+                default=None,
+                description="Per action component, one boolean (or 0/1) per action: false "
+                "forbids that action (discrete action spaces only).",
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class BodyTypes:
+    """The body type of each kind of prediction route, for one policy version."""
+
+    typed: Any | None  # /predict
+    raw: Any  # /predict_raw
+    either: Any  # /predict_deterministic, /distribution
+    typed_batch: type[BaseModel] | None  # /predict_batch
+    raw_batch: type[BaseModel]  # /predict_raw_batch
+
+
+def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
+    """The body types of `policy`, their components named `<prefix>Observation` etc."""
+    width = policy.runtime.observation_width
+    sizes = _mask_sizes(policy)
+    if prefix:
+        typed_model = observation_model(policy.schema, f"{prefix}Observation")
+        raw_model = raw_observation_model(width, f"{prefix}RawObservation")
+    else:  # the version's own models, which its vectorizer recognises
+        typed_model, raw_model = policy.observation_model, policy.raw_model
+    raw = _flat_or_envelope(
+        raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model, sizes)
+    )
+    vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
+    raw_item = _flat_or_envelope(vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model, sizes))
+    raw_batch = _batch(f"{prefix}RawObservationBatch", raw_item, max_batch, width)
+    if typed_model is None:
+        return BodyTypes(None, raw, raw, None, raw_batch)
+    typed = _flat_or_envelope(
+        typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model, sizes)
+    )
+    either_flat = _typed_or_raw(typed_model, raw_model)
+    either = _flat_or_envelope(
+        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat, sizes)
+    )
+    typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
+    return BodyTypes(typed, raw, either, typed_batch, raw_batch)
+
+
+def _mask_type(sizes: tuple[int, ...]) -> Any:
+    """One list of exactly `n` values per action component of `n` actions, or null; only
+    null for a continuous action space."""
+    if not sizes:
+        return None
+    # A row that forbids every action is refused.
+    allowed: JsonDict = {"contains": {"enum": [1, True]}}
+    rows = tuple(
+        Annotated[list[MaskValue], Field(min_length=n, max_length=n, json_schema_extra=allowed)]
+        for n in sizes
+    )
+    return tuple[rows] | None  # type: ignore[valid-type]
+
+
+def _mask_sizes(policy: LoadedPolicy) -> tuple[int, ...]:
+    space = policy.runtime.action_space
+    return () if isinstance(space, Box) else categorical_sizes(space)
+
+
+# The most bytes one JSON number of a body takes, with its separator and a space: a float's
+# shortest repr is at most 24 characters, an integer as large as float32's maximum 39 digits.
+NUMBER_BYTES = 48
+# An envelope's own fields at their longest: an episode id of 128 characters, each escaped
+# as a surrogate pair (12 bytes), a 19-digit step, and the keys.
+ENVELOPE_BYTES = 128 * 12 + 100
+
+
+def item_bytes(policy: LoadedPolicy) -> int:
+    """The most bytes one batch item can take as JSON without padding: every number at its
+    longest, in an envelope with a full action mask."""
+    names = sum(len(f.name) + 8 for f in policy.schema.observations)
+    mask = 7 * sum(_mask_sizes(policy)) + 4 * len(_mask_sizes(policy))
+    return NUMBER_BYTES * policy.runtime.observation_width + names + ENVELOPE_BYTES + mask
+
+
+def batch_limit(policy: LoadedPolicy, max_observations: int, max_body_bytes: int) -> int:
+    """The most observations a batch may hold: the configured limit, or fewer where that
+    many of the longest observations would not fit the body limit, so that every batch
+    the published limit allows can be sent."""
+    return max(1, min(max_observations, (max_body_bytes - 64) // item_bytes(policy)))
+
+
+def _batch(name: str, item: Any, max_batch: int, width: int | None) -> type[BaseModel]:
+    what = "typed observations" if width is None else f"raw vectors of {width} values"
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=f"A list of {what} (or envelopes of them), answered in order.",
+        observations=(list[item], Field(min_length=1, max_length=max_batch)),
+    )
+
+
+@dataclass(frozen=True)
+class Validators:
+    """The body types of one version as validators of raw request bytes."""
+
+    types: BodyTypes
+    adapters: dict[str, TypeAdapter[Any]]
+    # Batches without envelopes, validated into plain dicts and lists: the common case,
+    # at a fraction of the cost. A body they refuse goes through `adapters`, whose errors
+    # are the ones answered.
+    flat_batches: dict[str, TypeAdapter[Any]]
+
+    def validate(self, kind: str, body: bytes) -> Any:
+        return self.adapters[kind].validate_json(body)
+
+    def flat_batch(self, kind: str, body: bytes) -> list[Any] | None:
+        adapter = self.flat_batches.get(kind)
+        if adapter is None:
+            return None
+        try:
+            items: list[Any] = adapter.validate_json(body)["observations"]
+        except ValidationError:
+            return None
+        return items
+
+
+def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
+    """Cached on the version: built once, used on every request."""
+    key = f"api.validators.{max_batch}"
+    found: Validators | None = policy.derived.get(key)
+    if found is None:
+        types = body_types(policy, "", max_batch)
+        adapters: dict[str, TypeAdapter[Any]] = {
+            kind: TypeAdapter(getattr(types, kind))
+            for kind in ("typed", "raw", "either", "typed_batch", "raw_batch")
+            if getattr(types, kind) is not None
+        }
+        found = policy.derived[key] = Validators(types, adapters, _flat_batches(policy, max_batch))
+    return found
+
+
+def _flat_batches(policy: LoadedPolicy, max_batch: int) -> dict[str, TypeAdapter[Any]]:
+    width = policy.runtime.observation_width
+    vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
+    items = {"raw_batch": vector, "typed_batch": observation_dict(policy.schema)}
+    return {
+        kind: TypeAdapter(_batch_dict(item, max_batch))
+        for kind, item in items.items()
+        if item is not None
+    }
+
+
+def _batch_dict(item: Any, max_batch: int) -> Any:
+    @with_config(ConfigDict(extra="forbid"))
+    class FlatBatch(TypedDict):
+        observations: Annotated[list[item], Field(min_length=1, max_length=max_batch)]
+
+    return FlatBatch
+
+
+@dataclass
+class Parsed:
+    """A validated body, unwrapped: the observations and what the envelopes said."""
+
+    observations: list[Any]
+    episodes: list[Episode] | None
+    masks: list[list[list[Any]] | None] | None
+    # The raw body's class in the version that validated it: versions with the same layout
+    # read each other's bodies, but each has classes of its own.
+    raw_model: type[BaseModel] | None = None
+    # Model input rows, when the body was a flat batch read straight into them.
+    rows: npt.NDArray[np.float32] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.observations) if self.rows is None else len(self.rows)
+
+    @property
+    def episode_id(self) -> str | None:
+        return self.episodes[0].episode_id if self.episodes else None
+
+
+def unwrap(items: Sequence[Any], raw_model: type[BaseModel] | None = None) -> Parsed:
+    observations, episodes, masks = [], [], []
+    enveloped = False
+    for item in items:
+        if isinstance(item, BaseModel) and "action_mask" in type(item).model_fields:
+            enveloped = True
+            observations.append(item.observation)  # type: ignore[attr-defined]
+            episodes.append(Episode(item.episode_id, item.step))  # type: ignore[attr-defined]
+            masks.append(item.action_mask)  # type: ignore[attr-defined]
+        else:
+            observations.append(item)
+            episodes.append(Episode())
+            masks.append(None)
+    if not enveloped:
+        return Parsed(observations, None, None, raw_model)
+    return Parsed(observations, episodes, masks, raw_model)
+
+
+def flat_rows(policy: LoadedPolicy, kind: str, items: list[Any]) -> npt.NDArray[np.float32]:
+    if kind == "raw_batch":
+        return np.asarray(items, dtype=np.float32)
+    return dict_rows(policy.schema, items)
+
+
+def rows_of(
+    policy: LoadedPolicy, observations: Sequence[Any], raw_model: type[BaseModel] | None = None
+) -> npt.NDArray[np.float32]:
+    """Model input rows: typed observations, `{"obs": [...]}` bodies or plain vectors."""
+    if any(isinstance(o, list) for o in observations):  # a raw batch: vectors, envelopes
+        vectors = [o if isinstance(o, list) else o.obs for o in observations]
+        return np.asarray(vectors, dtype=np.float32)
+    rows = policy.vectorizer.rows(observations, raw_model or policy.raw_model)
+    return np.asarray(rows, dtype=np.float32)
+
+
+def same_layout(a: LoadedPolicy, b: LoadedPolicy) -> bool:
+    """Whether a body validated for `a` is valid, and means the same, for `b`."""
+    return a.schema.observations == b.schema.observations and (
+        a.runtime.observation_width == b.runtime.observation_width
+    )

@@ -1,0 +1,1 @@
+"""The demo page (Streamlit) and the HTTP client it uses."""

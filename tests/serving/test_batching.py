@@ -1,0 +1,122 @@
+"""The micro-batcher with a small runtime made here: coalescing, ordering, error isolation."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from policy_server.runtime.base import ModelOutputs
+from policy_server.serving.batching import MicroBatcher
+
+
+class EchoModel:
+    """Returns each row as its logits; records batch sizes; refuses rows holding -1."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def forward(self, rows: np.ndarray) -> ModelOutputs:
+        with self.lock:
+            self.batches.append(len(rows))
+        if self.delay:
+            threading.Event().wait(self.delay)
+        if (rows == -1).any():
+            raise ValueError("poisoned row")
+        return ModelOutputs(rows.copy(), rows[:, 0].copy())
+
+
+def rows(value: float, count: int = 1) -> np.ndarray:
+    return np.full((count, 3), value, dtype=np.float32)
+
+
+async def gather(batcher: MicroBatcher, inputs: list[np.ndarray]) -> list[object]:
+    return await asyncio.gather(*(batcher.forward(r) for r in inputs), return_exceptions=True)
+
+
+def test_concurrent_callers_share_model_calls_and_get_their_own_rows() -> None:
+    model = EchoModel(delay=0.01)
+
+    async def scenario() -> list[object]:
+        batcher = MicroBatcher(model.forward, max_batch_size=16, max_wait_s=0)
+        try:
+            return await gather(batcher, [rows(i) for i in range(64)])
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(scenario())
+    for i, result in enumerate(results):
+        assert isinstance(result, ModelOutputs)
+        assert result.logits.tolist() == [[i, i, i]] and result.value is not None
+        assert result.value.tolist() == [i]
+    assert sum(model.batches) == 64
+    assert len(model.batches) < 64 and max(model.batches) <= 16
+
+
+def test_a_lone_request_is_not_delayed_and_large_requests_go_whole() -> None:
+    model = EchoModel()
+
+    async def scenario() -> tuple[ModelOutputs, ModelOutputs]:
+        batcher = MicroBatcher(model.forward, max_batch_size=8, max_wait_s=0)
+        try:
+            return await batcher.forward(rows(1)), await batcher.forward(rows(2, count=20))
+        finally:
+            await batcher.close()
+
+    lone, large = asyncio.run(scenario())
+    assert lone.logits.shape == (1, 3) and large.logits.shape == (20, 3)
+    assert model.batches == [1, 20]
+
+
+def test_a_positive_wait_gathers_callers_that_arrive_later() -> None:
+    model = EchoModel()
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model.forward, max_batch_size=64, max_wait_s=0.05)
+
+        async def later(i: int) -> ModelOutputs:
+            await asyncio.sleep(0.005 * i)
+            return await batcher.forward(rows(i))
+
+        try:
+            await asyncio.gather(*(later(i) for i in range(5)))
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.batches == [5]
+
+
+def test_a_failing_request_fails_alone() -> None:
+    model = EchoModel(delay=0.01)
+
+    async def scenario() -> list[object]:
+        batcher = MicroBatcher(model.forward, max_batch_size=64, max_wait_s=0.02)
+        try:
+            inputs = [rows(-1 if i == 7 else i) for i in range(20)]
+            return await gather(batcher, inputs)
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[7], ValueError)
+    for i, result in enumerate(results):
+        if i != 7:
+            assert isinstance(result, ModelOutputs) and result.logits[0, 0] == i
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_maximum_batch_size_is_respected(size: int) -> None:
+    model = EchoModel(delay=0.005)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model.forward, max_batch_size=size, max_wait_s=0)
+        try:
+            await gather(batcher, [rows(i) for i in range(30)])
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert max(model.batches) <= size and sum(model.batches) == 30
