@@ -6,12 +6,22 @@ original's test suite imports this module before copying the policy in), the app
 at its first start or request.
 """
 
+from fastapi import FastAPI
+
 from policy_server.hosting.app import build_app
 from policy_server.hosting.lazy_app import LazyApp
 from policy_server.loading.layout import SCHEMA_NAME
+from policy_server.logs import configure_logging
 from policy_server.settings import Settings
 
-app = LazyApp(lambda: build_app(Settings()))
+
+def _build() -> FastAPI:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return build_app(settings)
+
+
+app = LazyApp(_build)
 
 _folder = Settings().policy_path
 if not _folder.is_dir() or (_folder / SCHEMA_NAME).is_file():

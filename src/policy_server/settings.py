@@ -31,7 +31,37 @@ def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
         return cores
 
 
-class Settings(BaseSettings):
+class PolicyFields(BaseModel):
+    """The settings a policy may have of its own (repository.yaml's
+    `policies.<name>.settings`); the server's are every policy's defaults."""
+
+    runtime: Literal["auto", "tensorflow", "onnx"] = Field(
+        default="auto",
+        description="auto: ONNX Runtime when the model converts and verifies (cached per "
+        "archive), else TensorFlow; tensorflow or onnx to choose explicitly.",
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, description="Most observations coalesced into one model call."
+    )
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long a model call waits for more requests to join its batch. 0 "
+        "adds nothing to a lone request: requests that arrive while the model runs are "
+        "batched together.",
+    )
+    max_batch_observations: int = Field(
+        default=10_000, ge=1, description="Most observations one /predict_batch request may hold."
+    )
+    inference_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a request waits for the model (queueing included); a request "
+        "that waits longer is answered 504.",
+    )
+
+
+class Settings(PolicyFields, BaseSettings):
     """Settings of one policy server; environment variables are prefixed `POLICY_SERVER_`."""
 
     model_config = SettingsConfigDict(env_prefix="POLICY_SERVER_", extra="ignore")
@@ -96,24 +126,6 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         default=8 * 1024**2, gt=0, description="Largest request body accepted, in bytes."
-    )
-    runtime: Literal["auto", "tensorflow", "onnx"] = Field(
-        default="auto",
-        description="auto: ONNX Runtime when the model converts and verifies (cached per "
-        "archive), else TensorFlow; tensorflow or onnx to choose explicitly.",
-    )
-    max_batch_size: int = Field(
-        default=64, ge=1, description="Most observations coalesced into one model call."
-    )
-    max_batch_wait_ms: float = Field(
-        default=0.0,
-        ge=0,
-        description="How long a model call waits for more requests to join its batch. 0 "
-        "adds nothing to a lone request: requests that arrive while the model runs are "
-        "batched together.",
-    )
-    max_batch_observations: int = Field(
-        default=10_000, ge=1, description="Most observations one /predict_batch request may hold."
     )
     metrics_port: int = Field(
         default=8080,
@@ -218,12 +230,6 @@ class Settings(BaseSettings):
         ge=1,
         description="Most connections open at once (per worker); more are closed at once.",
     )
-    inference_timeout_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="Longest a request waits for the model (queueing included); a request "
-        "that waits longer is answered 504.",
-    )
     graceful_shutdown_s: float = Field(
         default=25.0,
         ge=0,
@@ -291,19 +297,13 @@ def _split(value: str) -> list[str]:
     return [part.strip().lower() for part in value.split(",") if part.strip()]
 
 
-class PolicySettings(BaseModel):
+class PolicySettings(PolicyFields):
     """Settings of one policy: the server's by default, overridden per policy under
     `policies.<name>.settings` in repository.yaml."""
 
     model_config = ConfigDict(extra="forbid")
 
-    runtime: Literal["auto", "tensorflow", "onnx"] = "auto"
-    max_batch_size: int = Field(default=64, ge=1)
-    max_batch_wait_ms: float = Field(default=0.0, ge=0)
-    max_batch_observations: int = Field(default=10_000, ge=1)
-    inference_timeout_s: float = Field(default=30.0, gt=0)
-
     @classmethod
     def from_server(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> Self:
-        base = {name: getattr(settings, name) for name in cls.model_fields}
+        base = {name: getattr(settings, name) for name in PolicyFields.model_fields}
         return cls.model_validate(base | (overrides or {}))

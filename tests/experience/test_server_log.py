@@ -1,4 +1,4 @@
-"""The decision log behind a real server (issue #16): every acknowledged decision survives a
+"""The decision log behind a real server: every acknowledged decision survives a
 SIGTERM and a kill -9 under load, rewards and episode ends join over HTTP across restarts,
 the exports made by the command are read back by their consumers, and `evaluate` on a log
 the server wrote covers a value known in closed form."""

@@ -93,7 +93,7 @@ def test_a_second_server_is_told_which_port_to_change(
     server, metrics_url = example_with_metrics
     metrics_port = metrics_url.split(":")[-1].split("/")[0]
     http_port = server.url.split(":")[-1]
-    # The second server: its own --port, the first one's metrics port.
+    # A second server: its own --port, the first one's metrics port.
     line = refused_in_one_line(
         run(command(EXAMPLE, cache_dir, "--port", str(free_port()), "--metrics-port", metrics_port))
     )

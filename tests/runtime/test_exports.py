@@ -1,4 +1,4 @@
-"""The kinds of real export that used to fail at start-up, built small by the suite itself:
+"""Kinds of real export that are easy to refuse at start-up, built small by the suite itself:
 an action-masking model, a TF1 graph whose sampling reads an unfed `timestep`, and a zip
 holding its SavedModel one folder down. TensorFlow's own logits are the truth."""
 
@@ -166,7 +166,7 @@ def test_tf1_export_with_an_unfed_timestep_placeholder_loads(tf1: Served, tmp_pa
     with zipfile.ZipFile(tf1.folder / "saved_model.zip") as archive:
         archive.extractall(bundle)
     with pytest.raises(Exception, match="timestep"):
-        tf.saved_model.load(str(bundle))  # what used to end the start-up
+        tf.saved_model.load(str(bundle))  # what a plain load would do, and fail
     rows = np.random.default_rng(3).uniform(-5, 5, (9, 4)).astype(np.float32)
     truth = tf1_session_outputs(bundle, rows)
     np.testing.assert_allclose(tf1.tensorflow.forward(rows).logits, truth, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The exports that used to fail at start-up, served over a real HTTP server."""
+"""Kinds of export that are easy to refuse at start-up, served over a real HTTP server."""
 
 from __future__ import annotations
 

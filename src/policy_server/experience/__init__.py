@@ -1,4 +1,4 @@
-"""Close the loop (issue #16): log decisions, join rewards, export experience, evaluate offline.
+"""Close the loop: log decisions, join rewards, export experience, evaluate offline.
 
 - `log`: `DecisionLog`, the writer the server appends decisions, rewards and episode ends to.
 - `records`: the records' shapes, `decision_records()` for a batch.

@@ -1,4 +1,4 @@
-"""The decision log's Prometheus metrics (issue #16, item 6)."""
+"""The decision log's Prometheus metrics."""
 
 from __future__ import annotations
 

@@ -47,19 +47,6 @@ class Decision(TypedDict):
     worker: str
 
 
-class ShadowAnswer(TypedDict):
-    """A shadow version's answer logged after its decision (shadows score off the request
-    path); readers attach it to the decision as its `shadow`."""
-
-    type: Literal["shadow"]
-    time: float
-    decision_id: str
-    version: str
-    actions: list[Any]
-    probability: float
-    distribution: dict[str, Any]
-
-
 class Reward(TypedDict):
     type: Literal["reward"]
     time: float

@@ -11,7 +11,6 @@ from policy_server.experience.log import DecisionLog
 from policy_server.hosting.startup import (
     warn_demo_key,
 )
-from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
 from policy_server.protocols.auth import KeyRing
 from policy_server.protocols.rest.app import create_app
@@ -38,7 +37,6 @@ def build_app(
     Ray Serve ingress passes its deployment handle). A worker of `serve --workers N` passes
     its name (its decision-log stream), a manager that follows the other workers, and the
     step counts all workers share."""
-    configure_logging(settings.log_level)
     metrics = Metrics()
     registry = PolicyRegistry()
     manager = managers(settings, registry, metrics)

@@ -94,8 +94,10 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
 
 def generate_clients(settings: Settings, out: Path, languages: list[str]) -> None:
     from policy_server.hosting.app import build_app
+    from policy_server.logs import configure_logging
     from policy_server.protocols.rest.sdks import generate
 
+    configure_logging(settings.log_level)
     document = build_app(settings.model_copy(update={"client_languages": ""})).openapi()
     started = time.perf_counter()
 

@@ -11,6 +11,7 @@ from typing import Any
 from policy_server.errors import PolicyLoadError
 from policy_server.hosting.app import build_app
 from policy_server.loading.repository import Scan, Scanner
+from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
 from policy_server.serving.ray_backend import (
     RayForward,
@@ -41,6 +42,7 @@ class ApiIngress:
 
     def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
         self._settings = Settings.model_validate(settings)
+        configure_logging(self._settings.log_level)
         self._handles = handles
 
     def __serve_build_asgi_app__(self) -> Any:

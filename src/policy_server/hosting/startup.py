@@ -1,8 +1,8 @@
 """Start-up around uvicorn: what is checked before the policies load, and Ctrl-C.
 
-- The ports are checked before any policy loads: a taken port used to surface only after the
-  model had loaded, as a traceback from inside the application's start-up that never said
-  which port, or which flag, was the problem.
+- The ports are checked before any policy loads: otherwise a taken port surfaces only after
+  the model has loaded, as a traceback from inside the application's start-up that never
+  says which port, or which flag, is the problem.
 - A Ctrl-C before the server serves interrupts the start-up (exit 130, see `cli.py`):
   uvicorn alone would finish starting, bind the port, then stop and exit 0, and a
   KeyboardInterrupt raised inside a garbage collector's `__del__` was lost altogether.

@@ -67,6 +67,7 @@ CTRL_C = {signal.SIGINT}
 
 def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
     """One worker's server, built in the worker process."""
+    configure_logging(settings.log_level)
     watcher = threading.Thread(
         target=_stop_with_supervisor, args=(os.getppid(),), name="supervisor-watch", daemon=True
     )

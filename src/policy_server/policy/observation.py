@@ -166,7 +166,3 @@ class Vectorizer:
                 for name in lists
             ],
         )
-
-
-def as_batch(rows: list[list[float]]) -> npt.NDArray[np.float32]:
-    return np.asarray(rows, dtype=np.float32)

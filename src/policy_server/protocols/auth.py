@@ -101,6 +101,11 @@ def _key_lines(text: str) -> tuple[bytes, ...]:
 
 
 class KeyRing:
+    """Which keys open which policy: the server's keys (`--api-key`, a key file re-read when
+    it changes) open every policy; without them each policy takes its schema's `api_key`;
+    the admin key opens the admin routes. Keys are compared in constant time and never
+    logged."""
+
     warned_query = False
 
     def __init__(

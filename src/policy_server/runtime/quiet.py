@@ -1,6 +1,6 @@
 """Keep TensorFlow, absl and tf2onnx quiet while a policy loads; our own messages still show.
 
-A first load used to print about twenty lines that a user can do nothing about: C++ notices
+Left alone, a first load prints about twenty lines a user can do nothing about: C++ notices
 written before absl's logging is initialised (TF_CPP_MIN_LOG_LEVEL does not reach them),
 TensorFlow's Python warnings about reference variables and deprecated v1 APIs, and
 tf2onnx's progress notes.

@@ -35,6 +35,12 @@ class _Pending:
 
 
 class MicroBatcher:
+    """Coalesces the concurrent forward passes of one policy version into model calls of at
+    most `max_batch_size` observations, waiting up to `max_wait_s` for more when a batch is
+    not full (0: a lone request never waits; requests that arrive while the model runs form
+    the next batch). A failed batch is retried request by request, so a bad request fails
+    alone."""
+
     def __init__(
         self,
         forward: Forward,

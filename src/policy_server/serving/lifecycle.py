@@ -63,6 +63,12 @@ class ReloadReport:
 
 
 class PolicyManager:
+    """The lifecycle manager: loads the versions the policy folders hold, verifies each new
+    one in a thread while the old one serves, swaps it in, drains and unloads versions that
+    are gone, and applies traffic from repository.yaml and the admin route. It scans on
+    `--poll-interval-s` and on `POST /admin/reload`; a failed version is refused with its
+    reason and not retried until its files change."""
+
     def __init__(
         self, settings: Settings, registry: PolicyRegistry, metrics: Metrics | None = None
     ) -> None:

@@ -20,12 +20,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from policy_server.errors import PolicyNotFound, PolicyUnavailable
 from policy_server.loading.repository import version_order
 from policy_server.policy.loaded import LoadedPolicy
 from policy_server.settings import PolicySettings
+
+if TYPE_CHECKING:
+    from policy_server.serving.service import ModelCaller
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class PolicyVersion:
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     # What the hooks attach: the model caller and anything they must close later.
-    caller: Any = None
+    caller: ModelCaller | None = None
     idle: asyncio.Event | None = None
 
     @property
@@ -139,6 +142,11 @@ Hook = Callable[[PolicyVersion], Awaitable[None]]
 
 
 class PolicyRegistry:
+    """Policies by name, each with its versions and their lifecycle, the traffic split and
+    the default policy. Requests resolve a version here per call and hold a lease on it while
+    they run; `on_ready` and `on_unload` hooks attach and close what a version needs to
+    serve. The registry changes only through the lifecycle manager and the admin routes."""
+
     def __init__(self) -> None:
         self._entries: dict[str, PolicyEntry] = {}
         self.default_name: str | None = None

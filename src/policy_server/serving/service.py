@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.errors import InferenceTimeout, InvalidRows, RowError
+from policy_server.errors import InferenceTimeout, InvalidRows, PolicyUnavailable, RowError
 from policy_server.policy.distribution import ActionDistribution, Actions, Categorical
 from policy_server.policy.spaces import categorical_sizes
 from policy_server.runtime.base import ModelOutputs
@@ -108,6 +108,12 @@ def local_caller(
 
 
 class PolicyService:
+    """The one place a prediction is made, for every protocol: observation rows of one
+    version in; the model's outputs through its caller (micro-batcher or Ray Serve), masks
+    applied, actions sampled or the mode taken, decisions with ids and episode steps out;
+    then every observer sees the answered call. No wire format here: protocols parse and
+    format, the service decides."""
+
     def __init__(
         self,
         registry: PolicyRegistry,
@@ -183,28 +189,26 @@ class PolicyService:
         with self.registry.lease(version):
             outputs = await self._forward(version, rows)
         logits = _masked(version.loaded.distribution, outputs.logits, mask)
-        self._check(version, logits, mask)
+        self._check(version, logits)
         return outputs, logits
 
     async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
             await self.attach(version)
+        caller = version.caller
+        if caller is None:
+            raise PolicyUnavailable(f"{version.name} version {version.version} is not attached")
         timeout = self.registry.entry(version.name).settings.inference_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                outputs: ModelOutputs = await version.caller.forward(rows)
+                outputs: ModelOutputs = await caller.forward(rows)
         except TimeoutError:
             raise InferenceTimeout(
                 f"{version.name} version {version.version} did not answer within {timeout:g} s"
             ) from None
         return outputs
 
-    def _check(
-        self,
-        version: PolicyVersion,
-        logits: npt.NDArray[np.floating[Any]],
-        mask: npt.NDArray[np.bool_] | None,
-    ) -> None:
+    def _check(self, version: PolicyVersion, logits: npt.NDArray[np.floating[Any]]) -> None:
         bad = ~version.loaded.distribution.valid_rows(logits)
         if not bad.any():
             return
