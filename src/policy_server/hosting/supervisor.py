@@ -214,7 +214,14 @@ class Supervisor(Multiprocess):
         registry = CollectorRegistry(auto_describe=True)
         MultiProcessCollector(registry, path=str(self.run_folder.metrics))  # type: ignore[no-untyped-call]
         registry.register(self)
-        server, _ = start_http_server(port, addr=host, registry=registry)
+        # Its thread must block Ctrl-C as the supervisor's main thread does while it starts a
+        # worker: a process-directed SIGINT goes to any thread that does not block it, and
+        # while the disposition is SIG_IGN it would be dropped there.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CTRL_C)
+        try:
+            server, _ = start_http_server(port, addr=host, registry=registry)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
         def stop() -> None:
             server.shutdown()
