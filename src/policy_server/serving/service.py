@@ -12,7 +12,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
@@ -64,6 +65,19 @@ class Episode:
 
 
 NO_EPISODE = Episode()
+
+
+@dataclass(frozen=True)
+class Group:
+    """The rows of one request that one version answers. `positions` says where they stand
+    in the request, so that row errors name the request's own rows; None: all of them, in
+    order."""
+
+    version: PolicyVersion
+    rows: npt.NDArray[np.float32]
+    episodes: Sequence[Episode] | None = None
+    masks: Sequence[list[list[Any]] | None] | None = None
+    positions: Sequence[int] | None = None
 
 
 class ModelCaller(Protocol):
@@ -139,22 +153,52 @@ class PolicyService:
         seed: int | None = None,
     ) -> list[Prediction]:
         """Decisions for observation rows of shape (batch, the model's input width)."""
-        policy = version.loaded
-        mask = self._masks(version, masks, len(rows))
-        outputs, logits = await self._logits(version, rows, mask)
-        if deterministic:
-            chosen = policy.distribution.mode(logits)
-        else:
-            rng = self._rng if seed is None else np.random.default_rng(seed)
-            chosen = policy.distribution.sample(logits, rng)
-        predictions = self._predictions(version, chosen, outputs, episodes)
-        if self.observers:
-            event = PredictionEvent(
-                version, rows, logits, outputs, chosen, predictions, not deterministic, mask
-            )
-            for observer in self.observers:
-                await observer.observe(event)
+        group = Group(version, rows, episodes, masks)
+        [predictions] = await self.predict_groups([group], deterministic=deterministic, seed=seed)
         return predictions
+
+    async def predict_groups(
+        self, groups: Sequence[Group], *, deterministic: bool = False, seed: int | None = None
+    ) -> list[list[Prediction]]:
+        """Decisions for one request whose rows several versions answer, one list per group.
+
+        The request is answered whole or not at all: every version is leased before the
+        first model call (call this in the same step of the event loop as the lookup that
+        chose them), every group's masks and logits are checked before any decision counts a
+        step or reaches the observers."""
+        with self.registry.lease(*(group.version for group in groups)):
+            masks = [self._group_masks(group) for group in groups]
+            outputs = await self._forward_all(groups)
+            logits = [
+                self._checked_logits(group, output, mask)
+                for group, output, mask in zip(groups, outputs, masks, strict=True)
+            ]
+            answers, events = [], []
+            for group, output, logit, mask in zip(groups, outputs, logits, masks, strict=True):
+                policy = group.version.loaded
+                if deterministic:
+                    chosen = policy.distribution.mode(logit)
+                else:
+                    rng = self._rng if seed is None else np.random.default_rng(seed)
+                    chosen = policy.distribution.sample(logit, rng)
+                predictions = self._predictions(group.version, chosen, output, group.episodes)
+                answers.append(predictions)
+                events.append(
+                    PredictionEvent(
+                        group.version,
+                        group.rows,
+                        logit,
+                        output,
+                        chosen,
+                        predictions,
+                        not deterministic,
+                        mask,
+                    )
+                )
+            for event in events:
+                for observer in self.observers:
+                    await observer.observe(event)
+        return answers
 
     async def distribution(
         self,
@@ -162,8 +206,12 @@ class PolicyService:
         rows: npt.NDArray[np.float32],
         masks: Sequence[list[list[Any]] | None] | None = None,
     ) -> DistributionResult:
-        policy = version.loaded
-        outputs, logits = await self._logits(version, rows, self._masks(version, masks, len(rows)))
+        with self.registry.lease(version):
+            policy = version.loaded
+            group = Group(version, rows, masks=masks)
+            mask = self._group_masks(group)
+            [outputs] = await self._forward_all([group])
+            logits = self._checked_logits(group, outputs, mask)
         exact = policy.distribution.distribution(logits)
         mode = policy.distribution.mode(logits)
         return DistributionResult(
@@ -179,18 +227,31 @@ class PolicyService:
             version=version.version,
         )
 
-    async def _logits(
-        self,
-        version: PolicyVersion,
-        rows: npt.NDArray[np.float32],
-        mask: npt.NDArray[np.bool_] | None,
-    ) -> tuple[ModelOutputs, npt.NDArray[np.floating[Any]]]:
-        """The model's outputs for `rows`, and its logits with the masks applied and checked."""
-        with self.registry.lease(version):
-            outputs = await self._forward(version, rows)
-        logits = _masked(version.loaded.distribution, outputs.logits, mask)
-        self._check(version, logits)
-        return outputs, logits
+    def _group_masks(self, group: Group) -> npt.NDArray[np.bool_] | None:
+        with _in_request(group):
+            return self._masks(group.version, group.masks, len(group.rows))
+
+    def _checked_logits(
+        self, group: Group, outputs: ModelOutputs, mask: npt.NDArray[np.bool_] | None
+    ) -> npt.NDArray[np.floating[Any]]:
+        """The model's logits with the masks applied and checked."""
+        logits = _masked(group.version.loaded.distribution, outputs.logits, mask)
+        with _in_request(group):
+            self._check(group.version, logits)
+        return logits
+
+    async def _forward_all(self, groups: Sequence[Group]) -> list[ModelOutputs]:
+        if len(groups) == 1:
+            return [await self._forward(groups[0].version, groups[0].rows)]
+        # Every call finishes before the leases end, the failed ones too.
+        results = await asyncio.gather(
+            *(self._forward(group.version, group.rows) for group in groups),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
 
     async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
@@ -287,6 +348,19 @@ class PolicyService:
 
     def end_episode(self, episode_id: str) -> None:
         self._steps.end(episode_id)
+
+
+@contextmanager
+def _in_request(group: Group) -> Iterator[None]:
+    """Row errors of a group, renumbered as the request's rows."""
+    try:
+        yield
+    except InvalidRows as error:
+        if group.positions is None:
+            raise
+        positions = group.positions
+        rows = [RowError(positions[r.row], r.field, r.message) for r in error.rows]
+        raise InvalidRows(error.message, rows) from None
 
 
 def _masked(
