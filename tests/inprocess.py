@@ -136,10 +136,11 @@ class InProcess:
 
 @asynccontextmanager
 async def in_process(
-    values: Settings, callers: Any = None, lifespan: bool = True
+    values: Settings, callers: Any = None, lifespan: bool = True, **build: Any
 ) -> AsyncIterator[InProcess]:
-    """The whole server for `values` in this process and event loop, and a client of it."""
-    app = build_app(values, callers)
+    """The whole server for `values` in this process and event loop, and a client of it;
+    `build` goes to build_app."""
+    app = build_app(values, callers, **build)
     transport = httpx.ASGITransport(app=app)
     headers = {"access-token": KEY}
     async with httpx.AsyncClient(
