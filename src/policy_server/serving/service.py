@@ -141,6 +141,7 @@ class PolicyService:
         self._ids = DecisionIds()
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
+        self._attaching: dict[PolicyVersion, asyncio.Future[None]] = {}
 
     async def predict(
         self,
@@ -255,7 +256,7 @@ class PolicyService:
 
     async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
-            await self.attach(version)
+            await self._attached(version)
         caller = version.caller
         if caller is None:
             raise PolicyUnavailable(f"{version.name} version {version.version} is not attached")
@@ -268,6 +269,19 @@ class PolicyService:
                 f"{version.name} version {version.version} did not answer within {timeout:g} s"
             ) from None
         return outputs
+
+    async def _attached(self, version: PolicyVersion) -> None:
+        """Attach `version`'s caller once, however many first requests wait for it: a second
+        caller would be a second micro-batcher, or a Ray deployment nobody closes. A failed
+        attachment is retried by the next request."""
+        assert self.attach is not None
+        attaching = self._attaching.get(version)
+        if attaching is None:
+            attaching = asyncio.ensure_future(self.attach(version))
+            self._attaching[version] = attaching
+            attaching.add_done_callback(lambda _: self._attaching.pop(version, None))
+        # Shielded: a waiter that times out or goes away does not cancel the others' attachment.
+        await asyncio.shield(attaching)
 
     def _check(self, version: PolicyVersion, logits: npt.NDArray[np.floating[Any]]) -> None:
         bad = ~version.loaded.distribution.valid_rows(logits)
