@@ -118,6 +118,7 @@ def local_caller(
         settings.max_batch_size,
         settings.max_batch_wait_ms / 1000.0,
         on_batch,
+        name=f"model-{version.name}-{version.version}",
     )
 
 
