@@ -19,11 +19,11 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import FastAPI
 
+from policy_server.hosting.app import build_app
 from policy_server.metrics import Metrics
-from policy_server.registry import PolicyRegistry, PolicyVersion
 from policy_server.runtime.base import ModelOutputs, PolicyRuntime
-from policy_server.server import build_app
-from policy_server.service import ModelCaller
+from policy_server.serving.registry import PolicyRegistry, PolicyVersion
+from policy_server.serving.service import ModelCaller
 from policy_server.settings import Settings
 from tests.policies import linear_onnx_policy, slow_onnx_policy
 

@@ -9,11 +9,11 @@ import fcntl
 import threading
 from pathlib import Path
 
-from policy_server.lifecycle import PolicyManager
+from policy_server.hosting.shared_state import SharedPolicyManager, SharedState
 from policy_server.metrics import Metrics
-from policy_server.registry import PolicyRegistry
+from policy_server.serving.lifecycle import PolicyManager
+from policy_server.serving.registry import PolicyRegistry
 from policy_server.settings import Settings
-from policy_server.workers import SharedPolicyManager, SharedState
 from tests.inprocess import ADMIN_KEY, in_process, repository, settings
 
 

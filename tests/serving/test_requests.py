@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from policy_server.registry import PolicyRegistry, sticky_choice
-from policy_server.service import PredictionEvent
+from policy_server.serving.registry import PolicyRegistry, sticky_choice
+from policy_server.serving.service import PredictionEvent
 from tests.inprocess import (
     ADMIN_KEY,
     OBSERVATION,

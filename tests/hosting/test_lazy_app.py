@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from policy_server.metrics import Metrics
-from policy_server.registry import PolicyVersion
-from policy_server.service import ModelCaller
+from policy_server.serving.registry import PolicyVersion
+from policy_server.serving.service import ModelCaller
 from tests.inprocess import OBSERVATION, Gate, GatedCaller, in_process, repository, settings
 
 
