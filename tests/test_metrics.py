@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.conftest import EXAMPLE_KEY, RunningServer
+from tests.policies import EXAMPLE_KEY
+from tests.servers import RunningServer
 
 OBSERVATION = {
     "cart_position": 0.0,

@@ -8,7 +8,8 @@ import subprocess
 import httpx
 import yaml
 
-from tests.conftest import ROOT, RunningServer
+from tests.policies import ROOT
+from tests.servers import RunningServer
 
 DEPLOY = ROOT / "deploy"
 

@@ -14,16 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import (
-    EXAMPLE,
-    EXAMPLE_KEY,
-    PATHMIND_KEY,
-    RunningServer,
-    free_port,
-    serving,
-    shared_model,
-)
-from tests.policies import slow_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, PATHMIND_KEY, shared_model, slow_onnx_policy
+from tests.servers import RunningServer, free_port, serving
 
 pytestmark = pytest.mark.models
 

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer, serving, without_ids
 from tests.policies import linear_box_policy
+from tests.servers import RunningServer, serving, without_ids
 
 SCHEMA = """\
 observations:

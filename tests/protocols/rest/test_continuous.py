@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer, serving, without_ids
 from tests.policies import linear_box_policy
+from tests.servers import RunningServer, serving, without_ids
 
 SCHEMA = """\
 observations:

@@ -20,8 +20,8 @@ from schemathesis import Case
 from schemathesis.schemas import APIOperation as Operation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, SHARED_MODELS, RunningServer, serving
-from tests.policies import linear_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, SHARED_MODELS, linear_onnx_policy
+from tests.servers import RunningServer, serving
 
 RAW_ONLY = f"""\
 parameters:

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from policy_server.hosting.app import build_app
 from policy_server.protocols.rest.docs import ASSETS_URL, install_docs
 from policy_server.settings import Settings
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, free_port
+from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.servers import free_port
 from tests.ui.test_ui import ARTIFACTS, chromium
 
 BROWSER_ARGS = [

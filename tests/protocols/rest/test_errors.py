@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.servers import RunningServer
 
 GOOD = {
     "cart_position": 0.0,

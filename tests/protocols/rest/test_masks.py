@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PATHMIND_KEY, RunningServer, serving, shared_model
+from tests.policies import PATHMIND_KEY, shared_model
+from tests.servers import RunningServer, serving
 
 CART = [0.0, 0.1, 0.05, 0.2]
 SCHEDULING = [12.0, 1.0, 0.0, 3.0, 1.0, 2.0]
