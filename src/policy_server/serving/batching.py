@@ -73,6 +73,9 @@ class MicroBatcher:
         future: asyncio.Future[ModelOutputs] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, future))
         if self._worker is None or self._worker.done():
+            # The event of this loop: a client without lifespan runs each request on an event
+            # loop of its own, whose end cancels the worker.
+            self._ready = asyncio.Event()
             self._worker = asyncio.create_task(self._run(), name="micro-batcher")
         self._ready.set()
         return await future
