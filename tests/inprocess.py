@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from policy_server.hosting.app import build_app
 from policy_server.metrics import Metrics
@@ -73,7 +74,7 @@ def settings(policy_path: Path, cache: Path, **values: Any) -> Settings:
     return Settings(
         policy_path=policy_path,
         cache_dir=cache,
-        admin_key=ADMIN_KEY,
+        admin_key=SecretStr(ADMIN_KEY),
         metrics_port=0,
         client_languages="",
         poll_interval_s=0,

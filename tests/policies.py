@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def linear_box_policy(folder: Path, weights: np.ndarray, log_std: np.ndarray, sc
                 tf.TensorSpec([], tf.bool, name="is_training"),
             ]
         )
-        def serve(self, observations, prev_action, is_training):
+        def serve(self, observations: Any, prev_action: Any, is_training: Any) -> Any:
             mean = tf.matmul(observations, w)
             std_logits = tf.zeros_like(mean) + s
             return {

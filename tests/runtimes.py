@@ -33,14 +33,12 @@ class LinearRuntime:
     name: str = "numpy"
     poison: float = 999.0
     calls: list[int] = field(default_factory=list)
+    observation_width: int = field(init=False)
+    action_space: ActionSpace = field(init=False)
 
-    @property
-    def observation_width(self) -> int:
-        return int(self.weights.shape[0])
-
-    @property
-    def action_space(self) -> ActionSpace:
-        return Discrete(int(self.weights.shape[1]))
+    def __post_init__(self) -> None:
+        self.observation_width = int(self.weights.shape[0])
+        self.action_space = Discrete(int(self.weights.shape[1]))
 
     def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
         self.calls.append(len(observations))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -123,7 +124,7 @@ def serving(
         yield server
 
 
-def without_ids(answer: dict) -> dict:
+def without_ids(answer: dict[str, Any]) -> dict[str, Any]:
     """An answer without its decision id, which is unique to every answer."""
     if "predictions" in answer:
         return {"predictions": [without_ids(p) for p in answer["predictions"]]}

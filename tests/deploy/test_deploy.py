@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from typing import Any
 
 import httpx
 import yaml
@@ -73,7 +74,7 @@ def test_every_metric_the_dashboard_queries_is_exported(
     assert all(panel["datasource"]["uid"] == uid for panel in dashboard["panels"])
 
 
-def dashboard_panels() -> list[dict]:
+def dashboard_panels() -> list[dict[str, Any]]:
     return list(
         json.loads((DEPLOY / "grafana" / "dashboards" / "policy-server.json").read_text())["panels"]
     )

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,7 +325,7 @@ def metric_values(url: str) -> dict[str, float]:
     }
 
 
-def metrics_now(url: str, expected: dict[str, float]) -> dict[str, float]:
+def metrics_now(url: str, expected: Mapping[str, float]) -> dict[str, float]:
     values = metric_values(url)
     return {name: values.get(name, float("nan")) for name in expected}
 

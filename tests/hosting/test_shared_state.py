@@ -32,8 +32,13 @@ def test_a_traffic_change_waits_for_the_state_lock_off_the_event_loop(tmp_path: 
         async with in_process(settings(root, tmp_path / "cache"), managers=manager) as server:
             with state.path.with_suffix(".lock").open("ab") as other_worker:
                 fcntl.flock(other_worker.fileno(), fcntl.LOCK_EX)
+
                 # Released later in any case, so that a blocked event loop cannot hang the test.
-                timer = threading.Timer(5.0, lambda: (released.set(), other_worker.close()))
+                def release() -> None:
+                    released.set()
+                    other_worker.close()
+
+                timer = threading.Timer(5.0, release)
                 timer.start()
                 change = asyncio.create_task(
                     server.client.put(

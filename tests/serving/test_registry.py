@@ -79,7 +79,7 @@ def test_a_retired_version_waits_for_its_leases_then_unloads() -> None:
             assert registry.resolve("p") is second, "a draining version takes no new requests"
             assert first.loaded is not None, "a leased version keeps its policy"
         await retiring
-        assert unloaded == ["1"] and first.state is State.UNLOADED
+        assert unloaded == ["1"] and first.state.value == "unloaded"
         assert "1" not in entry.versions and second.in_flight == 0
 
     asyncio.run(scenario())

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -116,7 +117,7 @@ def test_policies_lists_versions_states_and_traffic(server: RunningServer) -> No
     ],
 )
 def test_every_route_of_every_policy(
-    server: RunningServer, name: str, body: dict | None, raw: list[float]
+    server: RunningServer, name: str, body: dict[str, Any] | None, raw: list[float]
 ) -> None:
     with server.client() as client:
         listing = {p["name"]: p for p in client.get("/policies").json()["policies"]}
@@ -174,7 +175,7 @@ def test_openapi_names_each_policy_apart(server: RunningServer) -> None:
 async def versions_answering(
     server: RunningServer, count: int, episode: str | None = None
 ) -> Counter[str]:
-    body: dict = {"obs": list(MOUSE.values())}
+    body: dict[str, Any] = {"obs": list[Any](MOUSE.values())}
     if episode is not None:
         body = {"observation": body, "episode_id": episode}
     async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
@@ -240,7 +241,7 @@ async def load(server: RunningServer, stop: asyncio.Event, failures: list[str]) 
     return answered
 
 
-async def reload(client: httpx.AsyncClient) -> dict:
+async def reload(client: httpx.AsyncClient) -> dict[str, Any]:
     response = await client.post("/admin/reload", headers=ADMIN)
     assert response.status_code == 200, response.text
     return dict(response.json())
@@ -251,8 +252,8 @@ def test_reloads_under_load_fail_no_request(own_server: RunningServer, repositor
     clients keep sending."""
     server = own_server
 
-    async def scenario() -> tuple[int, list[str], list[dict]]:
-        stop, failures = asyncio.Event(), []
+    async def scenario() -> tuple[int, list[str], list[dict[str, Any]]]:
+        stop, failures = asyncio.Event(), list[str]()
         traffic = asyncio.create_task(load(server, stop, failures))
         reports = []
         async with httpx.AsyncClient(
@@ -377,7 +378,7 @@ def shadowed(
         yield server, f"http://127.0.0.1:{port}/metrics"
 
 
-def median_ms(client: httpx.Client, path: str, body: dict, count: int) -> float:
+def median_ms(client: httpx.Client, path: str, body: dict[str, Any], count: int) -> float:
     times = []
     for _ in range(count):
         started = time.perf_counter()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from policy_server.hosting.app import build_app
 from policy_server.protocols.rest.docs import ASSETS_URL, install_docs
@@ -36,7 +37,7 @@ def example_app(cache_dir: Path) -> FastAPI:
     return build_app(
         Settings(
             policy_path=EXAMPLE,
-            api_key=EXAMPLE_KEY,
+            api_key=SecretStr(EXAMPLE_KEY),
             cache_dir=cache_dir,
             metrics_port=0,
             client_languages="",

@@ -3,6 +3,7 @@ and the distribution, the rest renormalised; a bad mask is a 422 naming its comp
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ CART = [0.0, 0.1, 0.05, 0.2]
 SCHEDULING = [12.0, 1.0, 0.0, 3.0, 1.0, 2.0]
 
 
-def envelope(values: list[float], mask: object) -> dict:
+def envelope(values: list[float], mask: object) -> dict[str, Any]:
     return {"observation": {"obs": values}, "action_mask": mask}
 
 
