@@ -12,8 +12,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
@@ -230,16 +229,20 @@ class PolicyService:
         )
 
     def _group_masks(self, group: Group) -> npt.NDArray[np.bool_] | None:
-        with _in_request(group):
+        try:
             return self._masks(group.version, group.masks, len(group.rows))
+        except InvalidRows as error:
+            raise _in_request(group, error) from None
 
     def _checked_logits(
         self, group: Group, outputs: ModelOutputs, mask: npt.NDArray[np.bool_] | None
     ) -> npt.NDArray[np.floating[Any]]:
         """The model's logits with the masks applied and checked."""
         logits = _masked(group.version.loaded.distribution, outputs.logits, mask)
-        with _in_request(group):
+        try:
             self._check(group.version, logits)
+        except InvalidRows as error:
+            raise _in_request(group, error) from None
         return logits
 
     async def _forward_all(self, groups: Sequence[Group]) -> list[ModelOutputs]:
@@ -365,17 +368,14 @@ class PolicyService:
         self._steps.end(episode_id)
 
 
-@contextmanager
-def _in_request(group: Group) -> Iterator[None]:
-    """Row errors of a group, renumbered as the request's rows."""
-    try:
-        yield
-    except InvalidRows as error:
-        if group.positions is None:
-            raise
-        positions = group.positions
-        rows = [RowError(positions[r.row], r.field, r.message) for r in error.rows]
-        raise InvalidRows(error.message, rows) from None
+def _in_request(group: Group, error: InvalidRows) -> InvalidRows:
+    """A group's row errors, renumbered as the request's rows."""
+    if group.positions is None:
+        return error
+    positions = group.positions
+    return InvalidRows(
+        error.message, [RowError(positions[r.row], r.field, r.message) for r in error.rows]
+    )
 
 
 def _masked(
