@@ -103,15 +103,19 @@ async def hand_off_rows(cache: Path) -> list[tuple[str, float]]:
     policy = load_policy(settings(EXAMPLE, cache, runtime="onnx"))
     row = np.zeros((1, 4), dtype=np.float32)
     batcher = MicroBatcher(policy.runtime.forward, 64, 0.0)
+    threaded = MicroBatcher(policy.runtime.forward, 64, 0.0, inline_budget_s=0.0)
     pool = ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
     inline = await per_await_us(lambda: batcher.forward(row))
-    threaded = await per_await_us(lambda: loop.run_in_executor(pool, policy.runtime.forward, row))
+    batcher_thread = await per_await_us(lambda: threaded.forward(row))
+    handed = await per_await_us(lambda: loop.run_in_executor(pool, policy.runtime.forward, row))
     await batcher.close()
+    await threaded.close()
     pool.shutdown()
     return [
-        ("a lone request through the micro-batcher (model on the event loop)", inline),
-        ("the same forward pass handed to a thread and back", threaded),
+        ("a lone request through the micro-batcher (a quick call: on the event loop)", inline),
+        ("the same through the micro-batcher's thread (inline budget 0)", batcher_thread),
+        ("the same forward pass handed to a thread and back", handed),
     ]
 
 

@@ -10,6 +10,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ def masked_policy(folder: Path) -> Linear:
                 tf.TensorSpec([], tf.bool, name="is_training"),
             ]
         )
-        def serve(self, observations, prev_action, is_training):
+        def serve(self, observations: Any, prev_action: Any, is_training: Any) -> Any:
             mask = observations[:, 3:]
             logits = tf.matmul(observations[:, :3], w) + b
             masked = logits + tf.maximum(tf.math.log(mask), tf.float32.min)
@@ -155,7 +156,7 @@ def unnamed_signature_policy(folder: Path) -> None:
 
     class Policy(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="observations")])
-        def serve(self, observations):
+        def serve(self, observations: Any) -> Any:
             return {"action_dist_inputs": observations, "actions_0": tf.argmax(observations, 1)}
 
     module = Policy()
@@ -180,7 +181,7 @@ def prev_action_policy(folder: Path) -> Linear:
                 tf.TensorSpec([None], tf.int64, name="prev_action"),
             ]
         )
-        def serve(self, observations, prev_action):
+        def serve(self, observations: Any, prev_action: Any) -> Any:
             previous = tf.one_hot(prev_action, 2)
             logits = tf.matmul(observations, w) + b + 0.5 * previous
             return {"actions_0": tf.argmax(logits, axis=1), "action_dist_inputs": logits}

@@ -1,11 +1,29 @@
-"""Small policies built by the tests themselves, in the exports' formats."""
+"""The policies the tests serve: the bundled example, the real Pathmind policies in
+../shared (the tests that need them skip without them), and small ones built by the tests
+themselves, in the exports' formats."""
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "pathmind-models"
+EXAMPLE = ROOT / "examples" / "cartpole"
+EXAMPLE_KEY = "cartpole-demo-key"
+PATHMIND_KEY = "1234567asdfgh"
+
+
+def shared_model(name: str) -> Path:
+    """A real Pathmind policy folder; skips the test with the reason when it is absent."""
+    folder = SHARED_MODELS / name
+    if not (folder / "saved_model.zip").is_file():
+        pytest.skip(f"needs the real Pathmind policies: {folder} is absent")
+    return folder
 
 
 def linear_box_policy(folder: Path, weights: np.ndarray, log_std: np.ndarray, schema: str) -> None:
@@ -23,7 +41,7 @@ def linear_box_policy(folder: Path, weights: np.ndarray, log_std: np.ndarray, sc
                 tf.TensorSpec([], tf.bool, name="is_training"),
             ]
         )
-        def serve(self, observations, prev_action, is_training):
+        def serve(self, observations: Any, prev_action: Any, is_training: Any) -> Any:
             mean = tf.matmul(observations, w)
             std_logits = tf.zeros_like(mean) + s
             return {

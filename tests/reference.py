@@ -38,4 +38,4 @@ def reference_outputs(signature: Any, observations: np.ndarray) -> dict[str, np.
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    return np.asarray(exp / exp.sum(axis=-1, keepdims=True))

@@ -5,10 +5,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 
-from tests.conftest import EXAMPLE_KEY, RunningServer
+from tests.policies import EXAMPLE_KEY
+from tests.servers import RunningServer
 
 OBSERVATION = {
     "cart_position": 0.0,
@@ -73,7 +75,7 @@ def test_one_json_line_per_request_without_the_key(
         headers={"x-request-id": "trace-42"},
     )
     assert response.headers["x-request-id"] == "trace-42"
-    mine: list[dict] = []
+    mine: list[dict[str, Any]] = []
     deadline = time.monotonic() + 10  # the line is written once the response has gone out
     while not mine and time.monotonic() < deadline:
         lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, shared_model
+from tests.policies import ROOT, shared_model
 
 ORIGINAL_SUITE = ROOT.parent / "shared" / "original-tests" / "test_app.py"
 ORIGINAL_TESTS = {

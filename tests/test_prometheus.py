@@ -14,16 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import (
-    EXAMPLE,
-    EXAMPLE_KEY,
-    PATHMIND_KEY,
-    ROOT,
-    free_port,
-    serving,
-    shared_model,
-    stop,
-)
+from tests.policies import EXAMPLE, EXAMPLE_KEY, PATHMIND_KEY, ROOT, shared_model
+from tests.servers import free_port, serving, stop
 
 OBSERVATION = {
     "cart_position": 0.0,

@@ -4,11 +4,13 @@ import json
 import re
 import shutil
 import subprocess
+from typing import Any
 
 import httpx
 import yaml
 
-from tests.conftest import ROOT, RunningServer
+from tests.policies import ROOT
+from tests.servers import RunningServer
 
 DEPLOY = ROOT / "deploy"
 
@@ -72,7 +74,7 @@ def test_every_metric_the_dashboard_queries_is_exported(
     assert all(panel["datasource"]["uid"] == uid for panel in dashboard["panels"])
 
 
-def dashboard_panels() -> list[dict]:
+def dashboard_panels() -> list[dict[str, Any]]:
     return list(
         json.loads((DEPLOY / "grafana" / "dashboards" / "policy-server.json").read_text())["panels"]
     )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -21,7 +22,7 @@ from tests.experience.records import decision
 CONTEXTS = np.eye(4)
 
 
-def bandit_log(directory: Path, count: int, *, unrewarded: int = 0) -> list[dict[str, object]]:
+def bandit_log(directory: Path, count: int, *, unrewarded: int = 0) -> list[dict[str, Any]]:
     """Uniform logging over 4 actions; context k is one-hot, and action k earns 1."""
     rng = np.random.default_rng(7)
     records = [decision(CONTEXTS[rng.integers(4)], np.zeros(4), rng) for _ in range(count)]
@@ -33,7 +34,9 @@ def bandit_log(directory: Path, count: int, *, unrewarded: int = 0) -> list[dict
     return records  # type: ignore[return-value]
 
 
-def write(directory: Path, records: list, rewards: list, ends: tuple[str, ...] = ()) -> None:
+def write(
+    directory: Path, records: list[Any], rewards: list[Any], ends: tuple[str, ...] = ()
+) -> None:
     async def scenario() -> None:
         log = DecisionLog(directory)
         await log.append(records)
@@ -46,7 +49,7 @@ def write(directory: Path, records: list, rewards: list, ends: tuple[str, ...] =
     asyncio.run(scenario())
 
 
-def episodic_log(directory: Path) -> list[dict[str, object]]:
+def episodic_log(directory: Path) -> list[dict[str, Any]]:
     """Two episodes of 3 steps with values: `e1` ended, `e2` still running, its last step
     without reward; plus a second reward for e1's first step."""
     rng = np.random.default_rng(3)
@@ -258,8 +261,10 @@ def test_dsjson_refuses_actions_that_are_not_one_categorical(tmp_path: Path) -> 
         export_experience(tmp_path / "log", tmp_path / "out", "dsjson")
 
 
-def box_and_multidiscrete(rng: np.random.Generator, kind: str) -> dict[str, object]:
-    record = decision(rng.normal(size=3), np.zeros(4), rng, episode_id="e", step=0)
+def box_and_multidiscrete(rng: np.random.Generator, kind: str) -> dict[str, Any]:
+    record: dict[str, Any] = dict(
+        decision(rng.normal(size=3), np.zeros(4), rng, episode_id="e", step=0)
+    )
     if kind == "box":
         mean, std = [0.5, -0.5], [1.0, 2.0]
         actions = rng.normal(mean, std).tolist()
@@ -271,7 +276,7 @@ def box_and_multidiscrete(rng: np.random.Generator, kind: str) -> dict[str, obje
             probability=0.125,
             log_probability=float(np.log(0.125)),
         )
-    return record  # type: ignore[return-value]
+    return record
 
 
 @pytest.mark.parametrize("kind", ["box", "multidiscrete"])

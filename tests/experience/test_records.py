@@ -37,6 +37,7 @@ def test_multidiscrete_records_match_the_contract_and_their_distribution() -> No
     assert set(records[0]) == set(simple(0))
     assert records[1]["action_mask"] == [[1, 1], [0, 1, 1]]
     assert records[1]["distribution"]["probabilities"][1][0] == 0.0
+    assert exact.probabilities is not None
     for record, row in zip(records, range(4), strict=True):
         a, b = record["actions"]
         expected = exact.probabilities[0][row, a] * exact.probabilities[1][row, b]

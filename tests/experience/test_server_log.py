@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from policy_server.experience.files import list_streams, read_records
 from policy_server.experience.index import DecisionIndex
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, ROOT, RunningServer, free_port, serving
 from tests.experience.test_evaluation import (
     CANDIDATE,
     CONTEXTS,
@@ -38,7 +37,8 @@ from tests.experience.test_evaluation import (
     true_value,
 )
 from tests.experience.test_export import rllib_episodes
-from tests.policies import linear_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, ROOT, linear_onnx_policy
+from tests.servers import RunningServer, free_port, serving
 
 CLIENTS = 32
 # Acknowledged decisions before the signal; each client stops at its first refusal.
@@ -325,7 +325,7 @@ def metric_values(url: str) -> dict[str, float]:
     }
 
 
-def metrics_now(url: str, expected: dict[str, float]) -> dict[str, float]:
+def metrics_now(url: str, expected: Mapping[str, float]) -> dict[str, float]:
     values = metric_values(url)
     return {name: values.get(name, float("nan")) for name in expected}
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, ROOT, run_server
+from tests.policies import EXAMPLE, EXAMPLE_KEY, ROOT
+from tests.servers import run_server
 
 
 def generate(*arguments: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, run_server, serving
-from tests.policies import linear_onnx_policy, slow_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, linear_onnx_policy, slow_onnx_policy
+from tests.servers import RunningServer, free_port, run_server, serving
 
 OBSERVATION = (
     b'{"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": 0.05, '

@@ -18,7 +18,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from policy_server.hosting.ray_app import IMPORT_PATH
-from tests.conftest import EXAMPLE_KEY, ROOT, free_port
+from tests.policies import EXAMPLE_KEY, ROOT
+from tests.servers import free_port
 from tests.serving.test_ray_backend import LINEAR_BIAS, LINEAR_WEIGHTS, two_policies
 
 BIN = Path(sys.executable).parent

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, free_port, serve_command, wait_until_up
+from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.servers import free_port, serve_command, wait_until_up
 
 BODY = {"observation": {"obs": [0.0, 0.1, 0.02, -0.1]}, "episode_id": "shutdown"}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from policy_server import __version__
-from tests.conftest import EXAMPLE, PATHMIND_KEY, RunningServer, free_port, run_server
+from tests.policies import EXAMPLE, PATHMIND_KEY
+from tests.servers import RunningServer, free_port, run_server
 
 INTERRUPTED = "policy-server: interrupted (Ctrl-C) while starting; nothing is being served"
 # One process, whatever the machine's cores: these tests follow that process's start-up.

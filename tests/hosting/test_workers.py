@@ -29,7 +29,8 @@ from policy_server.hosting.shared_state import AdminState, SharedPolicyManager, 
 from policy_server.metrics import Metrics
 from policy_server.serving.registry import PolicyRegistry, State
 from policy_server.settings import Settings, available_cores
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, run_server, serve_command
+from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.servers import RunningServer, free_port, run_server, serve_command
 
 WORKERS = 2
 ADMIN_KEY = "workers-admin-key"

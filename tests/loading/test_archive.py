@@ -154,11 +154,11 @@ def not_a_zip(path: Path) -> None:
     path.write_bytes(b"<html>404 Not Found</html>")
 
 
-def escaping(name: str) -> Callable[[Path], None]:
+def escaping(name: str) -> Callable[[Path], object]:
     return lambda path: make_zip(path, {"saved_model.pb": b"pb", name: b"x"})
 
 
-HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
+HOSTILE: dict[str, tuple[Callable[[Path], object], str]] = {
     "parent": (escaping("../evil.txt"), "would escape the folder"),
     "deep parent": (escaping("variables/../../../evil.txt"), "would escape the folder"),
     "absolute": (escaping("/tmp/evil.txt"), "would escape the folder"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLE, ROOT, shared_model
+from tests.policies import EXAMPLE, ROOT, shared_model
 
 
 def serve(folder: Path, cache: Path, *flags: str) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,7 @@ import pytest
 
 from policy_server.errors import PolicyLoadError
 from policy_server.policy.schema import FieldType, load_schema, parse_schema
-from tests.conftest import SHARED_MODELS
+from tests.policies import SHARED_MODELS
 
 PARAMETERS = {"discrete": True, "tuple": False, "api_key": "k"}
 

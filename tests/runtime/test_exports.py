@@ -15,7 +15,7 @@ from policy_server.errors import PolicyLoadError
 from policy_server.loading.archive import extract_cached
 from policy_server.policy.distribution import distribution_for
 from policy_server.policy.schema import PolicySchema, load_schema
-from policy_server.policy.spaces import Discrete
+from policy_server.policy.spaces import ActionSpace, Discrete
 from policy_server.runtime.base import ModelOutputs
 from policy_server.runtime.convert import convert
 from policy_server.runtime.onnx import OnnxRuntime
@@ -230,7 +230,7 @@ class Failing:
 
     name = "onnx"
     observation_width = 4
-    action_space = Discrete(2)
+    action_space: ActionSpace = Discrete(2)
 
     def __init__(self, shift: float | None) -> None:
         self.shift = shift

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, RunningServer, serve_command, serving
 from tests.exports import Linear, masked_policy, prev_action_policy, tf1_timestep_policy
+from tests.policies import ROOT
 from tests.reference import softmax
+from tests.servers import RunningServer, serve_command, serving
 
 KEY = "k"
 

@@ -12,8 +12,7 @@ from policy_server.loading.loader import load_policy
 from policy_server.runtime.convert import convert
 from policy_server.runtime.onnx import OnnxRuntime
 from policy_server.settings import Settings
-from tests.conftest import EXAMPLE, ROOT, shared_model
-from tests.policies import linear_onnx_policy
+from tests.policies import EXAMPLE, ROOT, linear_onnx_policy, shared_model
 from tests.reference import load_signature, reference_outputs
 from tests.runtime.test_tensorflow import EXPECTED, runtime_for
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policy_server.runtime.quiet import native_notices_dropped
-from tests.conftest import ROOT, shared_model
+from tests.policies import ROOT, shared_model
 
 FIRST_LOAD = """
 import logging, sys

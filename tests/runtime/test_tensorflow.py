@@ -9,7 +9,7 @@ from policy_server.loading.archive import extract_cached
 from policy_server.policy.schema import Parameters
 from policy_server.policy.spaces import Discrete, MultiDiscrete
 from policy_server.runtime.tensorflow import TensorFlowRuntime
-from tests.conftest import EXAMPLE, shared_model
+from tests.policies import EXAMPLE, shared_model
 from tests.reference import load_signature, reference_outputs
 
 EXPECTED = {

@@ -15,12 +15,14 @@ class EchoModel:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[int] = []
+        self.threads: list[str] = []
         self.delay = delay
         self.lock = threading.Lock()
 
     def forward(self, rows: np.ndarray) -> ModelOutputs:
         with self.lock:
             self.batches.append(len(rows))
+            self.threads.append(threading.current_thread().name)
         if self.delay:
             threading.Event().wait(self.delay)
         if (rows == -1).any():
@@ -120,3 +122,39 @@ def test_maximum_batch_size_is_respected(size: int) -> None:
 
     asyncio.run(scenario())
     assert max(model.batches) <= size and sum(model.batches) == 30
+
+
+def test_quick_calls_run_on_the_loop_and_slow_ones_in_the_versions_thread() -> None:
+    """A size not seen yet goes to the thread; once its calls proved quick, they run inline."""
+    quick, slow = EchoModel(), EchoModel(delay=0.1)
+
+    async def scenario() -> None:
+        for model in (quick, slow):
+            batcher = MicroBatcher(model.forward, 8, 0, name="model-p-1", inline_budget_s=0.05)
+            try:
+                for _ in range(3):
+                    await batcher.forward(rows(1))
+                await batcher.forward(rows(1, count=6))
+            finally:
+                await batcher.close()
+
+    asyncio.run(scenario())
+    loop = threading.current_thread().name
+    assert [name.startswith("model-p-1") for name in quick.threads] == [True, False, False, True]
+    assert all(name.startswith("model-p-1") and name != loop for name in slow.threads)
+
+
+def test_a_call_that_outlives_its_caller_leaves_the_batcher_serving() -> None:
+    model = EchoModel(delay=0.2)
+
+    async def scenario() -> ModelOutputs:
+        batcher = MicroBatcher(model.forward, 8, 0)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await batcher.forward(rows(1))
+            return await batcher.forward(rows(2))
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()).logits.tolist() == [[2, 2, 2]]

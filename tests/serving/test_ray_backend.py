@@ -18,8 +18,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, serving, without_ids
-from tests.policies import linear_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, linear_onnx_policy
+from tests.servers import RunningServer, free_port, serving, without_ids
 
 ADMIN_KEY = "ray-admin-key"
 CARTPOLE = [[0.0, 0.0, 0.1, 1.0], [0.2, -0.3, -0.05, 0.1], [0.0, 0.0, 0.01, 0.02]]

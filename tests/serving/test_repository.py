@@ -8,22 +8,16 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import (
-    EXAMPLE,
-    EXAMPLE_KEY,
-    PATHMIND_KEY,
-    RunningServer,
-    free_port,
-    serving,
-    shared_model,
-)
-from tests.policies import slow_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, PATHMIND_KEY, shared_model, slow_onnx_policy
+from tests.servers import RunningServer, free_port, serving
 
 pytestmark = pytest.mark.models
 
@@ -58,10 +52,8 @@ def copy_policy(source: Path, target: Path) -> None:
         shutil.copyfile(source / name, target / name)
 
 
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_repository(root: Path) -> Path:
     """Three policies, one of them in two versions, with an 80/20 split between those."""
-    root = tmp_path_factory.mktemp("repository")
     mouse = shared_model("mouse_and_cheese")
     copy_policy(mouse, root / "mouse" / "1")
     copy_policy(mouse, root / "mouse" / "2")
@@ -71,14 +63,32 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(
-    repository: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
+@contextmanager
+def repository_server(root: Path, cache: Path, tmp: Path) -> Iterator[RunningServer]:
     flags = ("--admin-key", "admin-secret", "--poll-interval-s", "0")
-    with serving(
-        repository, cache_dir, tmp_path_factory.mktemp("repo"), PATHMIND_KEY, *flags
-    ) as running:
+    with serving(root, cache, tmp, PATHMIND_KEY, *flags) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The repository as built, for the tests that only read: none changes its folders,
+    traffic or versions."""
+    root = build_repository(tmp_path_factory.mktemp("repository"))
+    with repository_server(root, cache_dir, tmp_path_factory.mktemp("repo")) as running:
+        yield running
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """A repository of this test's own, which it may change."""
+    return build_repository(tmp_path / "repository")
+
+
+@pytest.fixture
+def own_server(repository: Path, cache_dir: Path, tmp_path: Path) -> Iterator[RunningServer]:
+    """A server of this test's own, on its own repository."""
+    with repository_server(repository, cache_dir, tmp_path) as running:
         yield running
 
 
@@ -107,7 +117,7 @@ def test_policies_lists_versions_states_and_traffic(server: RunningServer) -> No
     ],
 )
 def test_every_route_of_every_policy(
-    server: RunningServer, name: str, body: dict | None, raw: list[float]
+    server: RunningServer, name: str, body: dict[str, Any] | None, raw: list[float]
 ) -> None:
     with server.client() as client:
         listing = {p["name"]: p for p in client.get("/policies").json()["policies"]}
@@ -165,7 +175,7 @@ def test_openapi_names_each_policy_apart(server: RunningServer) -> None:
 async def versions_answering(
     server: RunningServer, count: int, episode: str | None = None
 ) -> Counter[str]:
-    body: dict = {"obs": list(MOUSE.values())}
+    body: dict[str, Any] = {"obs": list[Any](MOUSE.values())}
     if episode is not None:
         body = {"observation": body, "episode_id": episode}
     async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as client:
@@ -231,18 +241,19 @@ async def load(server: RunningServer, stop: asyncio.Event, failures: list[str]) 
     return answered
 
 
-async def reload(client: httpx.AsyncClient) -> dict:
+async def reload(client: httpx.AsyncClient) -> dict[str, Any]:
     response = await client.post("/admin/reload", headers=ADMIN)
     assert response.status_code == 200, response.text
     return dict(response.json())
 
 
-def test_reloads_under_load_fail_no_request(server: RunningServer, repository: Path) -> None:
+def test_reloads_under_load_fail_no_request(own_server: RunningServer, repository: Path) -> None:
     """A version added, a version removed, a broken version and a new policy, while 32
     clients keep sending."""
+    server = own_server
 
-    async def scenario() -> tuple[int, list[str], list[dict]]:
-        stop, failures = asyncio.Event(), []
+    async def scenario() -> tuple[int, list[str], list[dict[str, Any]]]:
+        stop, failures = asyncio.Event(), list[str]()
         traffic = asyncio.create_task(load(server, stop, failures))
         reports = []
         async with httpx.AsyncClient(
@@ -253,9 +264,7 @@ def test_reloads_under_load_fail_no_request(server: RunningServer, repository: P
             reports.append(await reload(client))
             shutil.rmtree(repository / "mouse" / "1")
             reports.append(await reload(client))
-            broken = repository / "mouse" / "4"
-            copy_policy(shared_model("mouse_and_cheese"), broken)
-            (broken / "schema.yaml").write_text("parameters: {discrete: maybe}\n")
+            add_broken_version(repository, "4")
             reports.append(await reload(client))
             copy_policy(shared_model("deployment_test"), repository / "deployment")
             reports.append(await reload(client))
@@ -293,10 +302,22 @@ def test_reloads_under_load_fail_no_request(server: RunningServer, repository: P
     assert "DeploymentObservation" in document["components"]["schemas"]
 
 
+def add_broken_version(repository: Path, version: str) -> None:
+    broken = repository / "mouse" / version
+    copy_policy(shared_model("mouse_and_cheese"), broken)
+    (broken / "schema.yaml").write_text("parameters: {discrete: maybe}\n")
+
+
 def test_traffic_changes_through_the_admin_route_and_repository_yaml(
-    server: RunningServer, repository: Path
+    own_server: RunningServer, repository: Path
 ) -> None:
-    """After the reloads above, mouse has versions 2 and 3 (and 4, failed)."""
+    """Mouse in versions 2 and 3 (and 4, failed): the admin route, then repository.yaml."""
+    server = own_server
+    shutil.rmtree(repository / "mouse" / "1")
+    copy_policy(shared_model("mouse_and_cheese"), repository / "mouse" / "3")
+    add_broken_version(repository, "4")
+    with server.client() as client:
+        assert client.post("/admin/reload", headers=ADMIN).status_code == 200
     with server.client() as client:
         change = client.put(
             "/admin/policies/mouse/traffic",
@@ -357,7 +378,7 @@ def shadowed(
         yield server, f"http://127.0.0.1:{port}/metrics"
 
 
-def median_ms(client: httpx.Client, path: str, body: dict, count: int) -> float:
+def median_ms(client: httpx.Client, path: str, body: dict[str, Any], count: int) -> float:
     times = []
     for _ in range(count):
         started = time.perf_counter()

@@ -18,16 +18,8 @@ from streamlit.testing.v1 import AppTest
 from policy_server.ui.backends import Backend, policy_folder_name
 from policy_server.ui.client import Target
 from policy_server.ui.page import TRAFFIC_SPLIT, UPLOAD, readable_number
-from tests.conftest import (
-    EXAMPLE,
-    EXAMPLE_KEY,
-    ROOT,
-    RunningServer,
-    free_port,
-    serving,
-    shared_model,
-    stop,
-)
+from tests.policies import EXAMPLE, EXAMPLE_KEY, ROOT, shared_model
+from tests.servers import RunningServer, free_port, serving, stop
 
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -140,6 +140,7 @@ class SharedPolicyManager(PolicyManager):
         self.slot = slot  # held for the worker's life: its index is taken
         self._seen = state.read()
         self._follower: asyncio.Task[None] | None = None
+        self._changing = asyncio.Lock()
 
     @property
     def poll_interval(self) -> float:
@@ -163,12 +164,17 @@ class SharedPolicyManager(PolicyManager):
         self._seen = AdminState(recorded.reloads, self._seen.traffic)
         return report
 
-    def set_traffic(
+    async def set_traffic(
         self, name: str, traffic: dict[str, float] | None, shadow: str | None
     ) -> PolicyEntry:
-        entry = super().set_traffic(name, traffic, shadow)
-        self.state.record_traffic(name, (traffic, shadow))
-        self._seen = AdminState(self._seen.reloads, self._seen.traffic | {name: (traffic, shadow)})
+        """Applied here at once, then recorded for the other workers in a thread: the state
+        file's lock may be held by another worker. One change at a time, so that the file
+        records them in the order they were applied."""
+        async with self._changing:
+            entry = self._set_traffic(name, traffic, shadow)
+            await asyncio.to_thread(self.state.record_traffic, name, (traffic, shadow))
+            seen = self._seen
+            self._seen = AdminState(seen.reloads, seen.traffic | {name: (traffic, shadow)})
         return entry
 
     async def _follow(self) -> None:
@@ -199,6 +205,6 @@ class SharedPolicyManager(PolicyManager):
             if seen.traffic.get(name) == (traffic, shadow):
                 continue
             try:
-                super().set_traffic(name, traffic, shadow)
+                self._set_traffic(name, traffic, shadow)
             except (PolicyLoadError, PolicyNotFound) as error:
                 logger.warning("another worker's traffic change of %s: %s", name, error)

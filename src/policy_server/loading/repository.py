@@ -62,9 +62,10 @@ class RepositoryConfig(BaseModel):
     def coerce(cls, document: Any, source: str) -> RepositoryConfig:
         if document is None:
             return cls()
-        if isinstance(document, dict):
+        policies = document.get("policies") if isinstance(document, dict) else None
+        if isinstance(policies, dict):
             # YAML reads `{2: 80}` as an int key; version names are strings.
-            for entry in (document.get("policies") or {}).values():
+            for entry in policies.values():
                 if isinstance(entry, dict):
                     for key in ("traffic",):
                         if isinstance(entry.get(key), dict):

@@ -4,9 +4,13 @@ Requests queue while earlier ones are parsed, validated and answered; each model
 everything queued (up to the maximum batch size). With the default wait of 0 a lone request
 goes straight to the model; a positive wait holds a call open to let more requests join.
 
-The model runs on the event loop itself: a policy's forward pass takes tens of microseconds
-in ONNX Runtime, several times less than handing it to a thread and back (measured in
-bench/RESULTS.md), and the requests that arrive meanwhile simply join the next batch.
+Each version's model runs in a thread of its own, so that a slow call (the TensorFlow
+fallback, a batch of 10,000 rows, a big model) holds up neither the event loop (`/ready`, the
+worker's other connections) nor the caller's time-out. A call expected to take less than
+`INLINE_BUDGET_S` (an ONNX policy's small batches: tens of microseconds) runs on the loop
+itself instead, where handing it to the thread and back would cost more than the call; the
+expectation is the recent duration of calls of about the same size, and a size not seen yet
+goes to the thread.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +31,7 @@ from policy_server.runtime.base import ModelOutputs
 logger = logging.getLogger(__name__)
 
 Forward = Callable[[npt.NDArray[np.float32]], ModelOutputs]
+INLINE_BUDGET_S = 0.001
 
 
 @dataclass
@@ -38,8 +44,9 @@ class MicroBatcher:
     """Coalesces the concurrent forward passes of one policy version into model calls of at
     most `max_batch_size` observations, waiting up to `max_wait_s` for more when a batch is
     not full (0: a lone request never waits; requests that arrive while the model runs form
-    the next batch). A failed batch is retried request by request, so a bad request fails
-    alone."""
+    the next batch). Each call runs in the version's own thread, unless calls of its size
+    proved quicker than `inline_budget_s`. A failed batch is retried request by request, so
+    a bad request fails alone."""
 
     def __init__(
         self,
@@ -47,20 +54,28 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_s: float,
         on_batch: Callable[[int, float], None] | None = None,
+        name: str = "model",
+        inline_budget_s: float = INLINE_BUDGET_S,
     ) -> None:
         self._forward = forward
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._on_batch = on_batch
+        self._name = name
         self._queue: deque[_Pending] = deque()
         self._ready = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._durations = Durations(inline_budget_s)
 
     async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         """The model's outputs for `rows`, computed in a batch with concurrent callers."""
         future: asyncio.Future[ModelOutputs] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, future))
         if self._worker is None or self._worker.done():
+            # The event of this loop: a client without lifespan runs each request on an event
+            # loop of its own, whose end cancels the worker.
+            self._ready = asyncio.Event()
             self._worker = asyncio.create_task(self._run(), name="micro-batcher")
         self._ready.set()
         return await future
@@ -68,6 +83,9 @@ class MicroBatcher:
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
+        if self._thread is not None:
+            # A call still running finishes in its thread; nobody waits for it.
+            self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
@@ -78,7 +96,7 @@ class MicroBatcher:
             if self._max_wait_s > 0 and self._size(batch) < self._max_batch_size:
                 await asyncio.sleep(self._max_wait_s)
                 batch += self._take(self._max_batch_size - self._size(batch))
-            self._execute(batch)
+            await self._execute(batch)
             # Let the requests that arrived meanwhile reach the queue before the next batch.
             await asyncio.sleep(0)
 
@@ -88,7 +106,7 @@ class MicroBatcher:
         # The first request is always taken, even one larger than the maximum batch.
         while self._queue and (not batch or len(self._queue[0].rows) <= room):
             pending = self._queue.popleft()
-            if pending.future.done():  # the client went away
+            if pending.future.done():  # the client went away, or timed out
                 continue
             batch.append(pending)
             room -= len(pending.rows)
@@ -98,18 +116,22 @@ class MicroBatcher:
     def _size(batch: list[_Pending]) -> int:
         return sum(len(p.rows) for p in batch)
 
-    def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending]) -> None:
         if not batch:
             return
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-        started = time.perf_counter()
         try:
-            outputs = self._forward(rows)
+            if self._durations.quick(len(rows)):
+                outputs, seconds = self._timed(rows)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs, seconds = await loop.run_in_executor(self._executor(), self._timed, rows)
         except Exception as error:
-            self._execute_alone(batch, error)
+            await self._execute_alone(batch, error)
             return
+        self._durations.record(len(rows), seconds)
         if self._on_batch is not None:
-            self._on_batch(len(rows), time.perf_counter() - started)
+            self._on_batch(len(rows), seconds)
         start = 0
         for pending in batch:
             end = start + len(pending.rows)
@@ -118,7 +140,18 @@ class MicroBatcher:
                 pending.future.set_result(ModelOutputs(outputs.logits[start:end], value))
             start = end
 
-    def _execute_alone(self, batch: list[_Pending], error: Exception) -> None:
+    def _timed(self, rows: npt.NDArray[np.float32]) -> tuple[ModelOutputs, float]:
+        started = time.perf_counter()
+        outputs = self._forward(rows)
+        return outputs, time.perf_counter() - started
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            # One thread: a version's calls run one at a time, as on the loop before.
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+        return self._thread
+
+    async def _execute_alone(self, batch: list[_Pending], error: Exception) -> None:
         """A failed batch is retried request by request, so one bad request fails alone."""
         if len(batch) == 1:
             if not batch[0].future.done():
@@ -126,4 +159,26 @@ class MicroBatcher:
             return
         logger.warning("a batch of %d requests failed (%s); retrying one by one", len(batch), error)
         for pending in batch:
-            self._execute([pending])
+            await self._execute([pending])
+
+
+class Durations:
+    """How long recent model calls took, by batch size in powers of two."""
+
+    SMOOTHING = 0.2
+
+    def __init__(self, budget_s: float) -> None:
+        self._budget_s = budget_s
+        self._seconds: dict[int, float] = {}
+
+    def quick(self, rows: int) -> bool:
+        """Whether a call of `rows` rows is expected within the budget; unknown: no."""
+        expected = self._seconds.get(rows.bit_length())
+        return expected is not None and expected < self._budget_s
+
+    def record(self, rows: int, seconds: float) -> None:
+        size = rows.bit_length()
+        before = self._seconds.get(size)
+        self._seconds[size] = (
+            seconds if before is None else before + self.SMOOTHING * (seconds - before)
+        )

@@ -232,10 +232,15 @@ class PolicyManager:
 
     # --- traffic -----------------------------------------------------------------------------
 
-    def set_traffic(
+    async def set_traffic(
         self, name: str, traffic: dict[str, float] | None, shadow: str | None
     ) -> PolicyEntry:
         """Weights and shadow from the admin route; they hold until the next change."""
+        return self._set_traffic(name, traffic, shadow)
+
+    def _set_traffic(
+        self, name: str, traffic: dict[str, float] | None, shadow: str | None
+    ) -> PolicyEntry:
         entry = self.registry.entry(name)
         for version in [*(traffic or {}), *([shadow] if shadow else [])]:
             if version not in entry.versions:

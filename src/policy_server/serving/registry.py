@@ -186,15 +186,19 @@ class PolicyRegistry:
         return found
 
     @contextmanager
-    def lease(self, version: PolicyVersion) -> Iterator[PolicyVersion]:
-        """Hold `version` for a request: it is not unloaded before the lease ends."""
-        version.in_flight += 1
+    def lease(self, *versions: PolicyVersion) -> Iterator[None]:
+        """Hold `versions` for one request: none is unloaded before the lease ends. Take it
+        in the same step of the event loop as the lookup that chose them, so that no reload
+        runs in between."""
+        for version in versions:
+            version.in_flight += 1
         try:
-            yield version
+            yield
         finally:
-            version.in_flight -= 1
-            if version.in_flight == 0 and version.idle is not None:
-                version.idle.set()
+            for version in versions:
+                version.in_flight -= 1
+                if version.in_flight == 0 and version.idle is not None:
+                    version.idle.set()
 
     def entries(self) -> list[PolicyEntry]:
         return list(self._entries.values())

@@ -66,6 +66,19 @@ class Episode:
 NO_EPISODE = Episode()
 
 
+@dataclass(frozen=True)
+class Group:
+    """The rows of one request that one version answers. `positions` says where they stand
+    in the request, so that row errors name the request's own rows; None: all of them, in
+    order."""
+
+    version: PolicyVersion
+    rows: npt.NDArray[np.float32]
+    episodes: Sequence[Episode] | None = None
+    masks: Sequence[list[list[Any]] | None] | None = None
+    positions: Sequence[int] | None = None
+
+
 class ModelCaller(Protocol):
     """How the service reaches a version's model: the in-process micro-batcher, or Ray Serve."""
 
@@ -104,6 +117,7 @@ def local_caller(
         settings.max_batch_size,
         settings.max_batch_wait_ms / 1000.0,
         on_batch,
+        name=f"model-{version.name}-{version.version}",
     )
 
 
@@ -127,6 +141,7 @@ class PolicyService:
         self._ids = DecisionIds()
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
+        self._attaching: dict[PolicyVersion, asyncio.Future[None]] = {}
 
     async def predict(
         self,
@@ -139,22 +154,52 @@ class PolicyService:
         seed: int | None = None,
     ) -> list[Prediction]:
         """Decisions for observation rows of shape (batch, the model's input width)."""
-        policy = version.loaded
-        mask = self._masks(version, masks, len(rows))
-        outputs, logits = await self._logits(version, rows, mask)
-        if deterministic:
-            chosen = policy.distribution.mode(logits)
-        else:
-            rng = self._rng if seed is None else np.random.default_rng(seed)
-            chosen = policy.distribution.sample(logits, rng)
-        predictions = self._predictions(version, chosen, outputs, episodes)
-        if self.observers:
-            event = PredictionEvent(
-                version, rows, logits, outputs, chosen, predictions, not deterministic, mask
-            )
-            for observer in self.observers:
-                await observer.observe(event)
+        group = Group(version, rows, episodes, masks)
+        [predictions] = await self.predict_groups([group], deterministic=deterministic, seed=seed)
         return predictions
+
+    async def predict_groups(
+        self, groups: Sequence[Group], *, deterministic: bool = False, seed: int | None = None
+    ) -> list[list[Prediction]]:
+        """Decisions for one request whose rows several versions answer, one list per group.
+
+        The request is answered whole or not at all: every version is leased before the
+        first model call (call this in the same step of the event loop as the lookup that
+        chose them), every group's masks and logits are checked before any decision counts a
+        step or reaches the observers."""
+        with self.registry.lease(*(group.version for group in groups)):
+            masks = [self._group_masks(group) for group in groups]
+            outputs = await self._forward_all(groups)
+            logits = [
+                self._checked_logits(group, output, mask)
+                for group, output, mask in zip(groups, outputs, masks, strict=True)
+            ]
+            answers, events = [], []
+            for group, output, logit, mask in zip(groups, outputs, logits, masks, strict=True):
+                policy = group.version.loaded
+                if deterministic:
+                    chosen = policy.distribution.mode(logit)
+                else:
+                    rng = self._rng if seed is None else np.random.default_rng(seed)
+                    chosen = policy.distribution.sample(logit, rng)
+                predictions = self._predictions(group.version, chosen, output, group.episodes)
+                answers.append(predictions)
+                events.append(
+                    PredictionEvent(
+                        group.version,
+                        group.rows,
+                        logit,
+                        output,
+                        chosen,
+                        predictions,
+                        not deterministic,
+                        mask,
+                    )
+                )
+            for event in events:
+                for observer in self.observers:
+                    await observer.observe(event)
+        return answers
 
     async def distribution(
         self,
@@ -162,8 +207,12 @@ class PolicyService:
         rows: npt.NDArray[np.float32],
         masks: Sequence[list[list[Any]] | None] | None = None,
     ) -> DistributionResult:
-        policy = version.loaded
-        outputs, logits = await self._logits(version, rows, self._masks(version, masks, len(rows)))
+        with self.registry.lease(version):
+            policy = version.loaded
+            group = Group(version, rows, masks=masks)
+            mask = self._group_masks(group)
+            [outputs] = await self._forward_all([group])
+            logits = self._checked_logits(group, outputs, mask)
         exact = policy.distribution.distribution(logits)
         mode = policy.distribution.mode(logits)
         return DistributionResult(
@@ -179,22 +228,39 @@ class PolicyService:
             version=version.version,
         )
 
-    async def _logits(
-        self,
-        version: PolicyVersion,
-        rows: npt.NDArray[np.float32],
-        mask: npt.NDArray[np.bool_] | None,
-    ) -> tuple[ModelOutputs, npt.NDArray[np.floating[Any]]]:
-        """The model's outputs for `rows`, and its logits with the masks applied and checked."""
-        with self.registry.lease(version):
-            outputs = await self._forward(version, rows)
-        logits = _masked(version.loaded.distribution, outputs.logits, mask)
-        self._check(version, logits)
-        return outputs, logits
+    def _group_masks(self, group: Group) -> npt.NDArray[np.bool_] | None:
+        try:
+            return self._masks(group.version, group.masks, len(group.rows))
+        except InvalidRows as error:
+            raise _in_request(group, error) from None
+
+    def _checked_logits(
+        self, group: Group, outputs: ModelOutputs, mask: npt.NDArray[np.bool_] | None
+    ) -> npt.NDArray[np.floating[Any]]:
+        """The model's logits with the masks applied and checked."""
+        logits = _masked(group.version.loaded.distribution, outputs.logits, mask)
+        try:
+            self._check(group.version, logits)
+        except InvalidRows as error:
+            raise _in_request(group, error) from None
+        return logits
+
+    async def _forward_all(self, groups: Sequence[Group]) -> list[ModelOutputs]:
+        if len(groups) == 1:
+            return [await self._forward(groups[0].version, groups[0].rows)]
+        # Every call finishes before the leases end, the failed ones too.
+        results = await asyncio.gather(
+            *(self._forward(group.version, group.rows) for group in groups),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
 
     async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
-            await self.attach(version)
+            await self._attached(version)
         caller = version.caller
         if caller is None:
             raise PolicyUnavailable(f"{version.name} version {version.version} is not attached")
@@ -207,6 +273,19 @@ class PolicyService:
                 f"{version.name} version {version.version} did not answer within {timeout:g} s"
             ) from None
         return outputs
+
+    async def _attached(self, version: PolicyVersion) -> None:
+        """Attach `version`'s caller once, however many first requests wait for it: a second
+        caller would be a second micro-batcher, or a Ray deployment nobody closes. A failed
+        attachment is retried by the next request."""
+        assert self.attach is not None
+        attaching = self._attaching.get(version)
+        if attaching is None:
+            attaching = asyncio.ensure_future(self.attach(version))
+            self._attaching[version] = attaching
+            attaching.add_done_callback(lambda _: self._attaching.pop(version, None))
+        # Shielded: a waiter that times out or goes away does not cancel the others' attachment.
+        await asyncio.shield(attaching)
 
     def _check(self, version: PolicyVersion, logits: npt.NDArray[np.floating[Any]]) -> None:
         bad = ~version.loaded.distribution.valid_rows(logits)
@@ -287,6 +366,16 @@ class PolicyService:
 
     def end_episode(self, episode_id: str) -> None:
         self._steps.end(episode_id)
+
+
+def _in_request(group: Group, error: InvalidRows) -> InvalidRows:
+    """A group's row errors, renumbered as the request's rows."""
+    if group.positions is None:
+        return error
+    positions = group.positions
+    return InvalidRows(
+        error.message, [RowError(positions[r.row], r.field, r.message) for r in error.rows]
+    )
 
 
 def _masked(

@@ -6,7 +6,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, serving
+from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.servers import RunningServer, serving
 
 BODY = {"obs": [0.0, 0.1, 0.02, -0.1]}
 

@@ -3,13 +3,14 @@
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer, serving, without_ids
 from tests.policies import linear_box_policy
+from tests.servers import RunningServer, serving, without_ids
 
 SCHEMA = """\
 observations:
@@ -42,7 +43,7 @@ def observation(i: int) -> list[float]:
     return [float(i), float(i) / 10, -float(i) / 7]
 
 
-async def hammer(server: RunningServer, bodies: list[dict]) -> list[httpx.Response]:
+async def hammer(server: RunningServer, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(
         base_url=server.url, headers=server.headers, limits=limits, timeout=60
@@ -105,7 +106,7 @@ def test_batch_endpoints_answer_in_order(server: RunningServer) -> None:
     ],
 )
 def test_bad_batches_name_the_item(
-    server: RunningServer, path: str, body: dict, field: str
+    server: RunningServer, path: str, body: dict[str, Any], field: str
 ) -> None:
     with server.client() as client:
         response = client.post(path, json=body)

@@ -6,12 +6,13 @@ logits are the means, then the log-standard deviations.
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer, serving, without_ids
 from tests.policies import linear_box_policy
+from tests.servers import RunningServer, serving, without_ids
 
 SCHEMA = """\
 observations:
@@ -92,7 +93,7 @@ def test_continuous_samples_spread_around_the_mean(server: RunningServer) -> Non
     ],
 )
 def test_list_lengths_and_bounds_are_checked(
-    server: RunningServer, change: dict, field: str
+    server: RunningServer, change: dict[str, Any], field: str
 ) -> None:
     with server.client() as client:
         response = client.post("/api/v1/predict", json=BODY | change)

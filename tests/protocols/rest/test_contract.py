@@ -11,17 +11,20 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import Case
+from schemathesis.checks import CheckFunction
+from schemathesis.core.result import Ok
 from schemathesis.schemas import APIOperation as Operation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, SHARED_MODELS, RunningServer, serving
-from tests.policies import linear_onnx_policy
+from tests.policies import EXAMPLE, EXAMPLE_KEY, SHARED_MODELS, linear_onnx_policy
+from tests.servers import RunningServer, serving
 
 RAW_ONLY = f"""\
 parameters:
@@ -66,7 +69,7 @@ def server(
         yield running
 
 
-def check_operation(server: RunningServer, operation: Operation) -> None:
+def check_operation(server: RunningServer, operation: Operation[Any, Any, Any, Any]) -> None:
     key = "contract-admin" if operation.path.startswith("/admin") else EXAMPLE_KEY
 
     @given(case=operation.as_strategy())
@@ -77,12 +80,14 @@ def check_operation(server: RunningServer, operation: Operation) -> None:
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    def keeps_contract(case: Case) -> None:
+    def keeps_contract(case: Case[Any]) -> None:
         for headers in ({"access-token": key}, {}):
             response = case.call(base_url=server.url, headers=headers, timeout=30)
             # Schema-valid observations far outside a model's training range can make its
             # logits overflow: refused (422) for a reason no schema can state.
-            excluded = [positive_data_acceptance] if NON_FINITE in response.text else []
+            excluded: list[CheckFunction] = (
+                [positive_data_acceptance] if NON_FINITE in response.text else []
+            )
             case.validate_response(response, excluded_checks=excluded)
 
     keeps_contract()
@@ -92,6 +97,7 @@ def test_every_operation_keeps_its_contract(server: RunningServer) -> None:
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     failures = []
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result
         operation = result.ok()
         try:
             check_operation(server, operation)

@@ -12,11 +12,13 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from policy_server.hosting.app import build_app
 from policy_server.protocols.rest.docs import ASSETS_URL, install_docs
 from policy_server.settings import Settings
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, free_port
+from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.servers import free_port
 from tests.ui.test_ui import ARTIFACTS, chromium
 
 BROWSER_ARGS = [
@@ -35,7 +37,7 @@ def example_app(cache_dir: Path) -> FastAPI:
     return build_app(
         Settings(
             policy_path=EXAMPLE,
-            api_key=EXAMPLE_KEY,
+            api_key=SecretStr(EXAMPLE_KEY),
             cache_dir=cache_dir,
             metrics_port=0,
             client_languages="",

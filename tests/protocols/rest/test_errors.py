@@ -1,9 +1,12 @@
 """Bad input gets a 4xx with one JSON error shape naming the field, never a 500."""
 
+from collections.abc import Iterator
+from typing import Any
+
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.servers import RunningServer
 
 GOOD = {
     "cart_position": 0.0,
@@ -35,7 +38,9 @@ def assert_error(response: httpx.Response, status: int, field: str | None = None
         (GOOD | {"cart_velocity": 1e39}, "cart_velocity"),
     ],
 )
-def test_bad_typed_observation(example_server: RunningServer, body: dict, field: str) -> None:
+def test_bad_typed_observation(
+    example_server: RunningServer, body: dict[str, Any], field: str
+) -> None:
     with example_server.client() as client:
         for path in ("/predict", "/predict_deterministic", "/distribution"):
             assert_error(client.post(path, json=body), 422, field)
@@ -52,7 +57,9 @@ def test_bad_typed_observation(example_server: RunningServer, body: dict, field:
         ({"obs": [0.0, 0.1, 0.2, 0.3], "extra": 1}, "extra"),
     ],
 )
-def test_bad_raw_observation(example_server: RunningServer, body: dict, field: str) -> None:
+def test_bad_raw_observation(
+    example_server: RunningServer, body: dict[str, Any], field: str
+) -> None:
     with example_server.client() as client:
         assert_error(client.post("/predict_raw", json=body), 422, field)
 
@@ -91,7 +98,7 @@ def test_body_over_the_limit_is_413(example_server: RunningServer) -> None:
     with example_server.client() as client:
         assert_error(client.post("/predict_raw", content=big), 413)
 
-        def chunks():  # no Content-Length: the streamed size is counted instead
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the streamed size is counted instead
             for _ in range(20):
                 yield b" " * 1_000_000
 

@@ -13,7 +13,8 @@ from fastapi import Body, FastAPI
 from policy_server.loading.loader import load_policy
 from policy_server.protocols.rest.errors import install_error_handlers
 from policy_server.settings import Settings
-from tests.conftest import EXAMPLE, RunningServer, app_in_thread
+from tests.policies import EXAMPLE
+from tests.servers import RunningServer, app_in_thread
 
 GOOD = {"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": 0.02, "pole_angular_velocity": 1}
 BODIES: list[Any] = [

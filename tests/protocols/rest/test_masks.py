@@ -3,17 +3,19 @@ and the distribution, the rest renormalised; a bad mask is a 422 naming its comp
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.conftest import PATHMIND_KEY, RunningServer, serving, shared_model
+from tests.policies import PATHMIND_KEY, shared_model
+from tests.servers import RunningServer, serving
 
 CART = [0.0, 0.1, 0.05, 0.2]
 SCHEDULING = [12.0, 1.0, 0.0, 3.0, 1.0, 2.0]
 
 
-def envelope(values: list[float], mask: object) -> dict:
+def envelope(values: list[float], mask: object) -> dict[str, Any]:
     return {"observation": {"obs": values}, "action_mask": mask}
 
 

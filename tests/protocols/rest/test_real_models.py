@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PATHMIND_KEY, RunningServer, serving, shared_model, without_ids
+from tests.policies import PATHMIND_KEY, shared_model
 from tests.reference import load_signature, reference_outputs, softmax
+from tests.servers import RunningServer, serving, without_ids
 
 pytestmark = pytest.mark.models
 

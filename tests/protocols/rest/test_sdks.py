@@ -18,7 +18,8 @@ import pytest
 
 from policy_server.errors import ClientsNotReady
 from policy_server.protocols.rest.sdks import ClientBuilder
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, serving
+from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.servers import RunningServer, serving
 
 FIELDS = ["cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity"]
 

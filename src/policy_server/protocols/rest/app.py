@@ -93,6 +93,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    # What an embedding program or an in-process test reaches the server's state through.
+    app.state.service, app.state.manager = service, manager
     install_docs(app)
     app.router.redirect_slashes = False
     install_error_handlers(app)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -51,7 +51,7 @@ from policy_server.protocols.rest.models import (
     prediction_model,
 )
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry, PolicyVersion
-from policy_server.serving.service import PolicyService, Prediction
+from policy_server.serving.service import Group, PolicyService, Prediction
 
 SEED_MAX = 2**63 - 1
 _DIGITS = re.compile(rb"^[0-9]{1,19}$")
@@ -362,20 +362,23 @@ class _Handler:
         self.name = name
         self.pinned = pinned
 
-    def _target(self, request: Request) -> tuple[PolicyEntry, PolicyVersion | None]:
-        registry = self.context.registry
-        entry = registry.entry(self.name)
+    def _entry(self, request: Request) -> PolicyEntry:
+        entry = self.context.registry.entry(self.name)
         self.context.keys.check(request, entry)
-        version = None
-        if self.pinned:
-            version = registry.resolve(entry.name, request.path_params["version"])
-        return entry, version
+        return entry
+
+    def _pinned(self, request: Request, entry: PolicyEntry) -> PolicyVersion | None:
+        """The version the path names. Looked up only once the body has arrived, and leased
+        in the same step of the event loop: a reload meanwhile is seen, never half seen."""
+        if not self.pinned:
+            return None
+        return self.context.registry.resolve(entry.name, request.path_params["version"])
 
 
 class SchemaHandler(_Handler):
     async def __call__(self, request: Request) -> Response:
-        entry, version = self._target(request)
-        target = version or entry.route(None)
+        entry = self._entry(request)
+        target = self._pinned(request, entry) or entry.route(None)
         _label(request, target)
         return json_response(policy_info(target.loaded).model_dump())
 
@@ -386,22 +389,34 @@ class PredictionHandler(_Handler):
         self.operation = operation
 
     async def __call__(self, request: Request) -> Response:
-        entry, pinned = self._target(request)
+        entry = self._entry(request)
         operation = self.operation
         seed = _seed(request) if operation.seeded else None
         body = await _json_body(request)
+        # From here to the service's lease, nothing awaits: the versions chosen stay loaded.
+        pinned = self._pinned(request, entry)
         reference = pinned or entry.primary or entry.route(None)
         limit = BatchLimit(entry.settings.max_batch_observations, self.context.max_body_bytes)
         parsed = _parse(reference.loaded, operation, body, limit)
         if operation.mode == "distribution":
             return await self._distribution(request, entry, pinned, parsed, body, limit)
-        groups = self._groups(entry, pinned, parsed)
-        answers: list[Prediction | None] = [None] * parsed.count
-        for version, indices in groups:
-            if not same_layout(reference.loaded, version.loaded):
-                parsed = _parse(version.loaded, operation, body, limit)
-            await self._answer(version, parsed, indices, answers, seed)
-        _label(request, groups[0][0])
+        groups = [
+            self._group(version, reference, parsed, body, limit, indices)
+            for version, indices in self._groups(entry, pinned, parsed)
+        ]
+        try:
+            answered = await self.context.service.predict_groups(
+                groups, deterministic=operation.mode == "mode", seed=seed
+            )
+        except InvalidRows as error:
+            raise _named(error, operation.batch, range(parsed.count)) from None
+        _label(request, groups[0].version)
+        answers: Sequence[Prediction | None] = answered[0]
+        if len(groups) > 1:
+            answers = [None] * parsed.count
+            for group, predictions in zip(groups, answered, strict=True):
+                for index, prediction in zip(group.positions or (), predictions, strict=True):
+                    answers[index] = prediction
         if operation.batch:
             return json_response({"predictions": answers})
         return json_response(answers[0])
@@ -424,14 +439,18 @@ class PredictionHandler(_Handler):
             groups.setdefault(id(version), (version, []))[1].append(index)
         return list(groups.values())
 
-    async def _answer(
+    def _group(
         self,
         version: PolicyVersion,
+        reference: PolicyVersion,
         parsed: Parsed,
+        body: bytes,
+        limit: BatchLimit,
         indices: list[int],
-        answers: list[Prediction | None],
-        seed: int | None,
-    ) -> None:
+    ) -> Group:
+        """The rows of the observations at `indices`, made for `version`'s layout."""
+        if not same_layout(reference.loaded, version.loaded):
+            parsed = _parse(version.loaded, self.operation, body, limit)
         whole = len(indices) == parsed.count
         episodes = _pick(parsed.episodes, indices, whole)
         masks = _pick(parsed.masks, indices, whole)
@@ -441,19 +460,7 @@ class PredictionHandler(_Handler):
             observations = parsed.observations
             observations = observations if whole else [observations[i] for i in indices]
             rows = rows_of(version.loaded, observations, parsed.raw_model)
-        try:
-            predictions = await self.context.service.predict(
-                version,
-                rows,
-                episodes=episodes,
-                masks=masks,
-                deterministic=self.operation.mode == "mode",
-                seed=seed,
-            )
-        except InvalidRows as error:
-            raise _named(error, self.operation.batch, indices) from None
-        for index, prediction in zip(indices, predictions, strict=True):
-            answers[index] = prediction
+        return Group(version, rows, episodes, masks, None if whole else indices)
 
     async def _distribution(
         self,
@@ -551,7 +558,7 @@ def _seed(request: Request) -> int | None:
     return int(raw)
 
 
-def _named(error: InvalidRows, batch: bool, indices: list[int]) -> InvalidObservation:
+def _named(error: InvalidRows, batch: bool, indices: Sequence[int]) -> InvalidObservation:
     """The service's row errors, named by the request's own layout."""
     fields = []
     for row in error.rows:

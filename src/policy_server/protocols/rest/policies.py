@@ -120,7 +120,7 @@ def add_policy_routes(
     )
     async def set_traffic(name: str, change: Annotated[TrafficChange, Body()]) -> Any:
         try:
-            entry = manager.set_traffic(name, change.traffic, change.shadow)
+            entry = await manager.set_traffic(name, change.traffic, change.shadow)
         except PolicyLoadError as error:
             raise PolicyNotFound(str(error)) from None
         manager.changed()
