@@ -194,6 +194,24 @@ class Settings(PolicyFields, BaseSettings):
     decision_log_rotate_s: float = Field(
         default=3600.0, gt=0, description="Age at which a decision-log file is rotated."
     )
+    max_episodes: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most episodes whose step count and recurrent state the server holds at "
+        "once (across all workers); the least recently stepped are evicted first, and their "
+        "next step starts from zeros with state_reset true.",
+    )
+    episode_idle_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="An episode not stepped for this long is forgotten (its state freed).",
+    )
+    state_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs the `state` strings of return_state, so that servers "
+        "behind one load balancer accept each other's; default: a random key per run "
+        "(shared by its workers).",
+    )
     workers: int | None = Field(
         default=None,
         ge=1,

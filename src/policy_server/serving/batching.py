@@ -21,17 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, StepInputs
 
 logger = logging.getLogger(__name__)
 
-Forward = Callable[[npt.NDArray[np.float32]], ModelOutputs]
+# A runtime's forward pass: observations, and for a recurrent policy its step inputs.
+Forward = Callable[..., ModelOutputs]
 
 
 @dataclass
 class _Pending:
     rows: npt.NDArray[np.float32]
     future: asyncio.Future[ModelOutputs]
+    # A recurrent policy's state and previous actions and rewards, one row per observation.
+    step: StepInputs | None = None
 
 
 class MicroBatcher:
@@ -56,10 +59,12 @@ class MicroBatcher:
         self._ready = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
-    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+    async def forward(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         """The model's outputs for `rows`, computed in a batch with concurrent callers."""
         future: asyncio.Future[ModelOutputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
+        self._queue.append(_Pending(rows, future, step))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(), name="micro-batcher")
         self._ready.set()
@@ -102,9 +107,11 @@ class MicroBatcher:
         if not batch:
             return
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+        steps = [p.step for p in batch if p.step is not None]
+        step = StepInputs.concatenate(steps) if steps else None
         started = time.perf_counter()
         try:
-            outputs = self._forward(rows)
+            outputs = self._forward(rows) if step is None else self._forward(rows, step)
         except Exception as error:
             self._execute_alone(batch, error)
             return
@@ -114,8 +121,7 @@ class MicroBatcher:
         for pending in batch:
             end = start + len(pending.rows)
             if not pending.future.done():
-                value = None if outputs.value is None else outputs.value[start:end]
-                pending.future.set_result(ModelOutputs(outputs.logits[start:end], value))
+                pending.future.set_result(outputs.rows(start, end))
             start = end
 
     def _execute_alone(self, batch: list[_Pending], error: Exception) -> None:
