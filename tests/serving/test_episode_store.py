@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from policy_server.hosting.app import build_app
-from policy_server.settings import Settings
 from policy_server.serving.episodes import Carried, LocalEpisodes, SharedEpisodes, StepKey
+from policy_server.settings import Settings
 from tests.conftest import EXAMPLE, EXAMPLE_KEY, app_in_thread
 
 OBSERVATION = {
