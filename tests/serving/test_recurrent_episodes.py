@@ -282,3 +282,56 @@ def test_the_envelope_reward_joins_the_previous_decision(tmp_path: Path, cache_d
         if r.get("type") == "reward"
     }
     assert rewards == {ids[0]: 1.0, ids[1]: 0.5}
+
+
+def test_across_a_reload_an_episode_keeps_its_version_and_a_new_one_starts_fresh(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    repository = tmp_path / "repository"
+    (repository / "r" / "1").mkdir(parents=True)
+    tf1_recurrent_policy(repository / "r" / "1", cell(seed=1))
+    (repository / "repository.yaml").write_text('policies:\n  r:\n    traffic: {"1": 100}\n')
+    obs = np.full(3, 0.3)
+    names = [f"e{index}" for index in range(12)]
+    admin = {"access-token": "admin"}
+    with served(repository, cache_dir, admin_key="admin", poll_interval_s=0) as client:
+
+        def step(name: str) -> dict[str, Any]:
+            answer: dict[str, Any] = client.post(
+                "/predict_deterministic", json=_body(obs, episode_id=name)
+            ).json()
+            return answer
+
+        for name in names:
+            step(name)
+            step(name)
+        (repository / "r" / "2").mkdir()
+        tf1_recurrent_policy(repository / "r" / "2", cell(seed=2))
+        (repository / "repository.yaml").write_text(
+            'policies:\n  r:\n    traffic: {"1": 50, "2": 50}\n'
+        )
+        assert client.post("/admin/reload", headers=admin).status_code == 200
+        after = {name: step(name) for name in names}
+        stayed = [a for a in after.values() if a["version"] == "1"]
+        moved = [a for a in after.values() if a["version"] == "2"]
+        assert stayed and moved  # rendezvous hashing moves only some episodes
+        assert all(a["episode_state"] == "held" and not a["state_reset"] for a in stayed)
+        assert all(a["episode_state"] == "initial" and a["state_reset"] for a in moved)
+        assert all(a["step"] == 2 for a in after.values())
+        fresh = [step(f"new{index}") for index in range(8)]
+        assert all(a["episode_state"] == "initial" and not a["state_reset"] for a in fresh)
+
+
+def test_the_docs_describe_what_a_step_carries(tmp_path: Path, cache_dir: Path) -> None:
+    tf1_recurrent_policy(tmp_path, cell())
+    with served(tmp_path, cache_dir) as client:
+        document = client.get("/openapi.json").json()
+        docs = client.get("/docs")
+    schemas = document["components"]["schemas"]
+    envelope = schemas["ObservationEnvelope"]["properties"]
+    for name in ("episode_id", "reward", "prev_action", "state", "return_state"):
+        assert envelope[name]["description"], name
+    answer = schemas["Prediction"]["properties"]
+    assert {"episode_state", "state_reset", "state"} <= set(answer)
+    assert "/episodes/{episode_id}/end" in document["paths"]
+    assert docs.status_code == 200
