@@ -100,7 +100,9 @@ def _run(
     step: StepInputs | None = None,
 ) -> ModelOutputs:
     try:
-        return runtime.forward(observations, step)
+        return (
+            runtime.forward(observations) if step is None else runtime.forward(observations, step)
+        )
     except Exception as error:  # TensorFlow and ONNX Runtime raise their own kinds
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise PolicyLoadError(f"{who} fails on the verification observations ({first})") from None
