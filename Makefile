@@ -78,6 +78,7 @@ system-bench:
 bench: install system-bench
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/components.py
+	$(BIN)/python bench/recurrent.py
 
 # Minutes of mixed traffic with a reload in the middle, watching memory, descriptors and
 # threads; not part of `make test`. Its figures go to bench/RESULTS.md.

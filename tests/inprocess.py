@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from policy_server.hosting.app import build_app
 from policy_server.metrics import Metrics
-from policy_server.runtime.base import ModelOutputs, PolicyRuntime
+from policy_server.runtime.base import ModelOutputs, PolicyRuntime, StepInputs
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
 from policy_server.serving.service import ModelCaller
 from policy_server.settings import Settings
@@ -103,13 +103,15 @@ class GatedCaller:
         self.gate = gate
         self.closed = False
 
-    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+    async def forward(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         gate = self.gate
         gate.calls[self.label] = gate.calls.get(self.label, 0) + 1
         if self.label in gate.held:
             gate.waiting.set()
             await gate.opened.wait()
-        return self.runtime.forward(rows)
+        return self.runtime.forward(rows, step)
 
     async def close(self) -> None:
         self.closed = True

@@ -12,7 +12,7 @@ import numpy.typing as npt
 from policy_server.policy.loaded import LoadedPolicy
 from policy_server.policy.schema import PolicySchema, parse_schema
 from policy_server.policy.spaces import ActionSpace, Discrete
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, Recurrence, StepInputs
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry, PolicyVersion, State
 from policy_server.settings import PolicySettings
 
@@ -33,6 +33,7 @@ class LinearRuntime:
     name: str = "numpy"
     poison: float = 999.0
     calls: list[int] = field(default_factory=list)
+    recurrence: Recurrence | None = None
     observation_width: int = field(init=False)
     action_space: ActionSpace = field(init=False)
 
@@ -40,7 +41,9 @@ class LinearRuntime:
         self.observation_width = int(self.weights.shape[0])
         self.action_space = Discrete(int(self.weights.shape[1]))
 
-    def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
+    def forward(
+        self, observations: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         self.calls.append(len(observations))
         logits = np.asarray(observations @ self.weights, dtype=np.float32)
         logits[observations[:, 0] == self.poison] = np.nan

@@ -99,6 +99,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.state_resets = Counter(
+            "policy_server_episode_state_resets",
+            "Steps of recurrent episodes whose state was gone (evicted, idle too long, "
+            "ended, or held by another version) and that started from zeros.",
+            ["policy", "version"],
+            registry=self.registry,
+        )
         self.replica_requests = Counter(
             "policy_server_replica_requests",
             "Model calls answered per Ray Serve replica (Ray backend only).",

@@ -31,11 +31,14 @@ def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
         return cores
 
 
+RuntimeChoice = Literal["auto", "tensorflow", "onnx"]
+
+
 class PolicyFields(BaseModel):
     """The settings a policy may have of its own (repository.yaml's
     `policies.<name>.settings`); the server's are every policy's defaults."""
 
-    runtime: Literal["auto", "tensorflow", "onnx"] = Field(
+    runtime: RuntimeChoice = Field(
         default="auto",
         description="auto: ONNX Runtime when the model converts and verifies (cached per "
         "archive), else TensorFlow; tensorflow or onnx to choose explicitly.",
@@ -193,6 +196,24 @@ class Settings(PolicyFields, BaseSettings):
     )
     decision_log_rotate_s: float = Field(
         default=3600.0, gt=0, description="Age at which a decision-log file is rotated."
+    )
+    max_episodes: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most episodes whose step count and recurrent state the server holds at "
+        "once (across all workers); the least recently stepped are evicted first, and their "
+        "next step starts from zeros with state_reset true.",
+    )
+    episode_idle_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="An episode not stepped for this long is forgotten (its state freed).",
+    )
+    state_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs the `state` strings of return_state, so that servers "
+        "behind one load balancer accept each other's; default: a random key per run "
+        "(shared by its workers).",
     )
     workers: int | None = Field(
         default=None,

@@ -16,7 +16,7 @@ from policy_server.loading.archive import extract_cached
 from policy_server.policy.distribution import distribution_for
 from policy_server.policy.schema import PolicySchema, load_schema
 from policy_server.policy.spaces import ActionSpace, Discrete
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, Recurrence
 from policy_server.runtime.convert import convert
 from policy_server.runtime.onnx import OnnxRuntime
 from policy_server.runtime.tensorflow import TensorFlowRuntime
@@ -231,11 +231,12 @@ class Failing:
     name = "onnx"
     observation_width = 4
     action_space: ActionSpace = Discrete(2)
+    recurrence: Recurrence | None = None
 
     def __init__(self, shift: float | None) -> None:
         self.shift = shift
 
-    def forward(self, observations: np.ndarray) -> ModelOutputs:
+    def forward(self, observations: np.ndarray, step: object = None) -> ModelOutputs:
         if self.shift is None:
             raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad input")
         logits = observations[:, :2] + self.shift

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from policy_server.errors import InferenceTimeout, InvalidRows
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, StepInputs
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry, PolicyVersion
 from policy_server.serving.service import (
     Episode,
@@ -36,7 +36,9 @@ class Recorder:
 class Stalled:
     """A model caller that never answers."""
 
-    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+    async def forward(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -102,7 +104,7 @@ def test_episode_steps_count_up_unless_the_client_says_them() -> None:
 
     assert steps(Episode("e"), Episode("e"), Episode()) == [0, 1, None]
     assert steps(Episode("e", 10), Episode("e")) == [10, 11]
-    service.end_episode("e")
+    asyncio.run(service.end_episode("e"))
     assert steps(Episode("e")) == [0]
 
 

@@ -107,12 +107,33 @@ def load_experience(
         if decision["policy"] == policy:
             groups[decision["episode_id"] or decision["decision_id"]].append(decision)
     experience = Experience([], policy, damaged_lines=stats.damaged_lines)
-    for key, steps in groups.items():
-        steps.sort(key=lambda d: (d["step"] if d["step"] is not None else 0, d["time"]))
-        episode = _episode(key, steps, outcomes, ends.get(key), default_reward, experience)
-        if episode is not None:
-            experience.episodes.append(episode)
+    for group, decisions_of in groups.items():
+        runs = _runs(group, decisions_of)
+        for index, (key, steps) in enumerate(runs):
+            end = ends.get(group) if index == len(runs) - 1 else None
+            episode = _episode(key, steps, outcomes, end, default_reward, experience)
+            if episode is not None:
+                experience.episodes.append(episode)
     return experience
+
+
+def _runs(key: str, decisions: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """An episode id's decisions as runs of steps: a client that starts an episode over
+    under the same id (a second step 0, as after `POST /episodes/{id}/end`) begins a new run,
+    exported as episode `<id>#2`, `<id>#3`, ...; within a run, steps in order (by `step`,
+    then time), as RLlib's offline format expects a recurrent policy's sequences."""
+    by_time = sorted(decisions, key=lambda d: d["time"])
+    runs: list[list[dict[str, Any]]] = [[]]
+    started = False  # whether the current run has its step 0 already
+    for decision in by_time:
+        if decision["step"] == 0:
+            if started:
+                runs.append([])
+            started = True
+        runs[-1].append(decision)
+    for run in runs:
+        run.sort(key=lambda d: (d["step"] if d["step"] is not None else 0, d["time"]))
+    return [(key if i == 0 else f"{key}#{i + 1}", run) for i, run in enumerate(runs)]
 
 
 def _collect(

@@ -76,6 +76,14 @@ def _episode_rows(episode: Episode) -> Iterator[dict[str, Any]]:
         }
         if decision["value"] is not None:
             row["vf_preds"] = decision["value"]
+        if "state_in" in decision:  # a recurrent policy: what RLlib feeds it at each step
+            prev = decision["prev_actions"]
+            if decision["distribution"].get("probabilities") is not None:
+                prev = [int(a) for a in prev]  # discrete actions, as `actions` has them
+            row["prev_actions"] = prev if isinstance(row["actions"], list) else prev[0]
+            row["prev_rewards"] = decision["prev_rewards"]
+            for index, state in enumerate(decision["state_in"]):
+                row[f"state_in_{index}"] = state
         yield row
 
 

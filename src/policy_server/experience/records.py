@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
 
 from policy_server.policy.distribution import Actions, Distribution
+from policy_server.runtime.base import StepInputs
 
 
 class Shadow(TypedDict):
@@ -45,6 +46,12 @@ class Decision(TypedDict):
     value: float | None
     shadow: Shadow | None
     worker: str
+    # Recurrent policies only: whether this step's state was lost and started from zeros,
+    # and what the model was fed besides the observation (RLlib's columns of that name).
+    state_reset: NotRequired[bool | None]
+    prev_actions: NotRequired[list[float]]
+    prev_rewards: NotRequired[float]
+    state_in: NotRequired[list[list[float]]]
 
 
 class Reward(TypedDict):
@@ -78,6 +85,8 @@ def decision_records(
     sampled: bool,
     distribution: Distribution,
     masks: npt.NDArray[np.bool_] | None,
+    state_resets: Sequence[bool | None] | None = None,
+    inputs: StepInputs | None = None,
 ) -> list[Decision]:
     """The decision records of one answered batch, converted from arrays once per batch.
 
@@ -85,6 +94,48 @@ def decision_records(
     `logits` are the ones actions were drawn from (masked entries as given).
     """
     now = time.time()
+    records = _decision_rows(
+        now,
+        policy,
+        version,
+        worker,
+        decision_ids,
+        episodes,
+        rows,
+        logits,
+        chosen,
+        values,
+        sampled,
+        distribution,
+        masks,
+    )
+    if inputs is not None:
+        states = [s.tolist() for s in inputs.state]
+        for row, (record, prev, reward) in enumerate(
+            zip(records, inputs.prev_actions.tolist(), inputs.prev_rewards.tolist(), strict=True)
+        ):
+            record["prev_actions"] = prev
+            record["prev_rewards"] = reward
+            record["state_in"] = [state[row] for state in states]
+            record["state_reset"] = None if state_resets is None else state_resets[row]
+    return records
+
+
+def _decision_rows(
+    now: float,
+    policy: str,
+    version: str,
+    worker: str,
+    decision_ids: Sequence[str],
+    episodes: Sequence[tuple[str | None, int | None]],
+    rows: npt.NDArray[Any],
+    logits: npt.NDArray[Any],
+    chosen: Actions,
+    values: npt.NDArray[Any] | None,
+    sampled: bool,
+    distribution: Distribution,
+    masks: npt.NDArray[np.bool_] | None,
+) -> list[Decision]:
     per_row = zip(
         decision_ids,
         episodes,

@@ -14,7 +14,7 @@ from policy_server.hosting.startup import (
 from policy_server.metrics import Metrics
 from policy_server.protocols.auth import KeyRing
 from policy_server.protocols.rest.app import create_app
-from policy_server.serving.episodes import LocalSteps, StepCounter
+from policy_server.serving.episodes import EpisodeStore, LocalEpisodes
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.observers import ActionMetrics, DecisionLogger, ShadowScorer
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
@@ -31,12 +31,12 @@ def build_app(
     *,
     worker: str = "0",
     managers: ManagerFactory = PolicyManager,
-    steps: StepCounter | None = None,
+    episodes: EpisodeStore | None = None,
 ) -> FastAPI:
     """The whole server for `settings`; `callers` overrides how model calls are made (the
     Ray Serve ingress passes its deployment handle). A worker of `serve --workers N` passes
     its name (its decision-log stream), a manager that follows the other workers, and the
-    step counts all workers share."""
+    episode store all workers share."""
     metrics = Metrics()
     registry = PolicyRegistry()
     manager = managers(settings, registry, metrics)
@@ -50,7 +50,13 @@ def build_app(
         observers.append(logger)
         shadow.sinks.append(logger.shadow_answer)
         closing.append(log.close)  # after the shadow thread, which writes to it
-    service = PolicyService(registry, observers, steps or LocalSteps())
+    store = episodes
+    if store is None:
+        store = LocalEpisodes(
+            settings.max_episodes, settings.episode_idle_s, state_secret(settings)
+        )
+    closing.append(store.close)
+    service = PolicyService(registry, observers, store)
     _install_hooks(settings, registry, service, metrics, callers)
     keys = KeyRing(
         settings.api_keys, settings.secret("admin_key"), settings.no_auth, settings.api_key_file
@@ -59,6 +65,11 @@ def build_app(
     app = create_app(service, manager, settings, keys, metrics, log, closing)
     freeze_garbage()
     return app
+
+
+def state_secret(settings: Settings) -> bytes | None:
+    secret = settings.secret("state_secret")
+    return None if secret is None else secret.encode()
 
 
 def _decision_log(settings: Settings, metrics: Metrics, worker: str) -> DecisionLog | None:

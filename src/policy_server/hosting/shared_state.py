@@ -51,9 +51,9 @@ class RunFolder:
         return self.path / "startup-error.txt"
 
     @property
-    def steps(self) -> Path:
-        """The step counts of episodes whose requests do not say their step."""
-        return self.path / "episode-steps.sqlite"
+    def episodes(self) -> Path:
+        """The episode store: step counts and recurrent state, shared by the workers."""
+        return self.path / "episodes.sqlite"
 
     def claim_slot(self) -> tuple[int, IO[bytes]]:
         """The lowest worker index no live worker holds, and the lock that holds it."""

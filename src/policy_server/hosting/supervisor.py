@@ -43,7 +43,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from policy_server.errors import PolicyLoadError
-from policy_server.hosting.app import build_app
+from policy_server.hosting.app import build_app, state_secret
 from policy_server.hosting.connection_limits import uvicorn_options
 from policy_server.hosting.shared_state import (
     FOLLOW_INTERVAL_S,
@@ -54,7 +54,7 @@ from policy_server.hosting.shared_state import (
 from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
 from policy_server.protocols.rest.middleware.worker_header import WorkerHeader
-from policy_server.serving.episodes import SharedSteps
+from policy_server.serving.episodes import SharedEpisodes
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.registry import PolicyRegistry
 from policy_server.settings import Settings
@@ -80,9 +80,10 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
 
     try:
         with _abandoned_on_sigterm():
-            app = build_app(
-                settings, worker=str(index), managers=manager, steps=SharedSteps(run.steps)
+            episodes = SharedEpisodes(
+                run.episodes, settings.max_episodes, settings.episode_idle_s, state_secret(settings)
             )
+            app = build_app(settings, worker=str(index), managers=manager, episodes=episodes)
     except PolicyLoadError as error:
         run.startup_error.write_text(str(error))
     except Exception as error:

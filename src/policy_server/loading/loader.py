@@ -122,32 +122,50 @@ def _cached_onnx(path: Path, choice: str, threads: int) -> PolicyRuntime | None:
 
 
 def _exported_onnx(path: Path, schema: PolicySchema, threads: int) -> PolicyRuntime:
-    """A model.onnx exported elsewhere: schema.yaml says how to read its outputs."""
-    from policy_server.runtime.onnx import OnnxLayout, OnnxRuntime, open_session
+    """A model.onnx exported elsewhere: schema.yaml says how to read its outputs, and the
+    roles of its inputs where their names do not say them."""
+    from policy_server.runtime.base import (
+        LOGITS_OUTPUTS,
+        VALUE_OUTPUTS,
+        read_roles,
+        recurrence_of,
+    )
+    from policy_server.runtime.onnx import OnnxLayout, OnnxRuntime, open_session, tensor_infos
 
     parameters = schema.parameters
-    if parameters.action_space is None:
+    space = parameters.action_space
+    if space is None:
         raise PolicyLoadError(
             f"{path}: a model.onnx policy needs parameters.action_space in schema.yaml, "
             "e.g. {type: Discrete, n: 4}"
         )
     session = open_session(path)
-    width = session.get_inputs()[0].shape[-1]
-    if not isinstance(width, int):
+    inputs, outputs = tensor_infos(session.get_inputs()), tensor_infos(session.get_outputs())
+    roles = read_roles(inputs, outputs, parameters.model, str(path))
+    width = inputs[roles.observations].shape[-1]
+    if width is None:
         raise PolicyLoadError(f"{path}: its input needs a fixed width, got {width!r}")
-    outputs = [o.name for o in session.get_outputs()]
-    logits = parameters.logits_output or (outputs[0] if len(outputs) == 1 else None)
+    heads = [name for name in outputs if name not in roles.state_out]
+    logits = (
+        parameters.logits_name
+        or next((name for name in LOGITS_OUTPUTS if name in outputs), None)
+        or (heads[0] if len(heads) == 1 else None)
+    )
     if logits is None:
         raise PolicyLoadError(
-            f"{path}: has outputs {outputs}; name the logits in parameters.logits_output"
+            f"{path}: has outputs {sorted(outputs)}; name the logits in schema.yaml as "
+            "parameters.model.logits (or logits_output)"
         )
-    layout = OnnxLayout(width, parameters.action_space, logits, parameters.value_output)
+    value = parameters.value_name or next((n for n in VALUE_OUTPUTS if n in outputs), None)
+    recurrence = recurrence_of(roles, inputs, space, str(path))
+    single = len(inputs) == 1
+    layout = OnnxLayout(width, space, logits, value, None if single else roles, recurrence)
     runtime = OnnxRuntime(session, layout, path, threads)
-    logits_width = session.get_outputs()[outputs.index(logits)].shape[-1]
-    if isinstance(logits_width, int) and logits_width != parameters.action_space.logits_width:
+    logits_width = outputs[logits].shape[-1] if logits in outputs else None
+    if isinstance(logits_width, int) and logits_width != space.logits_width:
         raise PolicyLoadError(
             f"{path}: output {logits!r} has {logits_width} values but the action space "
-            f"{parameters.action_space.describe()} needs {parameters.action_space.logits_width}"
+            f"{space.describe()} needs {space.logits_width}"
         )
     return runtime
 

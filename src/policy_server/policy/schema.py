@@ -47,6 +47,18 @@ _PARAMETER_KEYS = {
     "action_space",
     "logits_output",
     "value_output",
+    "model",
+}
+# Roles of a model's inputs and outputs, by tensor name, where the names do not say them.
+_MODEL_KEYS = {
+    "observations": str,
+    "logits": str,
+    "value": str,
+    "state_in": list,
+    "state_out": list,
+    "seq_lens": str,
+    "prev_actions": str,
+    "prev_rewards": str,
 }
 
 
@@ -71,6 +83,26 @@ class ObservationField:
 
 
 @dataclass(frozen=True)
+class ModelRoles:
+    """`parameters.model`: which input or output of the model plays which role, for exports
+    whose tensor names do not say it (RLlib's `export_model(onnx=...)` names them by graph
+    tensor). Every entry is optional; the names the model uses win where they say it."""
+
+    observations: str | None = None
+    logits: str | None = None
+    value: str | None = None
+    state_in: tuple[str, ...] = ()
+    state_out: tuple[str, ...] = ()
+    seq_lens: str | None = None
+    prev_actions: str | None = None
+    prev_rewards: str | None = None
+
+    def named_inputs(self) -> set[str]:
+        names = {self.observations, self.seq_lens, self.prev_actions, self.prev_rewards}
+        return {n for n in names if n is not None} | set(self.state_in)
+
+
+@dataclass(frozen=True)
 class Parameters:
     discrete: bool = True
     tuple: bool = False
@@ -80,6 +112,16 @@ class Parameters:
     action_space: ActionSpace | None = None
     logits_output: str | None = None
     value_output: str | None = None
+    model: ModelRoles = ModelRoles()
+
+    @property
+    def logits_name(self) -> str | None:
+        """`model.logits`, or its alias `logits_output`."""
+        return self.model.logits or self.logits_output
+
+    @property
+    def value_name(self) -> str | None:
+        return self.model.value or self.value_output
 
 
 @dataclass(frozen=True)
@@ -198,7 +240,46 @@ def _parse_parameters(raw: Any, source: str) -> Parameters:
         action_space=_parse_action_space(raw.get("action_space"), source),
         logits_output=_optional_name(raw, "logits_output", source),
         value_output=_optional_name(raw, "value_output", source),
+        model=_parse_model(raw.get("model"), source),
     )
+
+
+def _parse_model(raw: Any, source: str) -> ModelRoles:
+    if raw is None:
+        return ModelRoles()
+    if not isinstance(raw, dict):
+        raise PolicyLoadError(
+            f"{source}: parameters.model must be a mapping of roles to tensor names, e.g. "
+            "{logits: 'default_policy/Reshape_3:0', state_in: [...], state_out: [...]}"
+        )
+    unknown = set(raw) - set(_MODEL_KEYS)
+    if unknown:
+        raise PolicyLoadError(
+            f"{source}: unknown key(s) {sorted(unknown)} in parameters.model; "
+            f"valid keys are {sorted(_MODEL_KEYS)}"
+        )
+    values: dict[str, Any] = {}
+    for key, kind in _MODEL_KEYS.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        if kind is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PolicyLoadError(
+                    f"{source}: parameters.model.{key} must be a list of tensor names"
+                )
+            values[key] = tuple(value)
+        elif not isinstance(value, str):
+            raise PolicyLoadError(f"{source}: parameters.model.{key} must be a tensor name")
+        else:
+            values[key] = value
+    roles = ModelRoles(**values)
+    if len(roles.state_in) != len(roles.state_out):
+        raise PolicyLoadError(
+            f"{source}: parameters.model names {len(roles.state_in)} state_in and "
+            f"{len(roles.state_out)} state_out tensors; they pair in order, one each"
+        )
+    return roles
 
 
 def _parse_action_space(raw: Any, source: str) -> ActionSpace | None:

@@ -60,6 +60,15 @@ def categorical_sizes(space: ActionSpace) -> tuple[int, ...]:
     raise TypeError(f"{space} is not discrete")
 
 
+def action_width(space: ActionSpace) -> int:
+    """Values in one answer's `actions`: one per component, or per dimension for Box."""
+    if isinstance(space, Discrete):
+        return 1
+    if isinstance(space, MultiDiscrete):
+        return len(space.nvec)
+    return space.dim
+
+
 def space_from_dict(description: dict[str, Any]) -> ActionSpace:
     """Inverse of `describe()`: {"type": "Discrete", "n": 4} and the like."""
     kind = description.get("type")

@@ -32,18 +32,27 @@ def convert(
     are unconstrained random values, which a model reading an action mask cannot take.
     """
     frozen = runtime.frozen
-    if frozen.feeds:
+    roles = runtime.onnx_roles()
+    fed = {frozen.observations}
+    if runtime.recurrence is not None:  # the model also takes its state, as TensorFlow does
+        fed |= {*roles.state_in}
+        fed |= {n for n in (roles.seq_lens, roles.prev_actions, roles.prev_rewards) if n}
+    others = [feed.tensor for feed in frozen.feeds if feed.tensor not in fed]
+    if others:
         raise PolicyLoadError(
-            f"{runtime.source}: its logits read {[feed.tensor for feed in frozen.feeds]} "
-            "besides the observations; an ONNX policy takes the observations alone"
+            f"{runtime.source}: its logits read {others} besides the observations"
+            + (" and its state" if runtime.recurrence else "")
+            + "; an ONNX policy takes those alone"
         )
-    model = _to_onnx(runtime)
+    model = _to_onnx(runtime, [frozen.observations, *sorted(fed - {frozen.observations})])
     layout = runtime.layout
     onnx_layout = OnnxLayout(
         observation_width=layout.observation_width,
         action_space=layout.action_space,
         logits_output=frozen.outputs[0],
         value_output=frozen.outputs[1] if len(frozen.outputs) > 1 else None,
+        roles=roles if runtime.recurrence is not None else None,
+        recurrence=runtime.recurrence,
     )
     entry = model.metadata_props.add()
     entry.key, entry.value = LAYOUT_KEY, onnx_layout.to_json()
@@ -62,7 +71,7 @@ def convert(
     return OnnxRuntime(open_session(target), onnx_layout, target, large_batch_threads)
 
 
-def _to_onnx(runtime: TensorFlowRuntime) -> Any:
+def _to_onnx(runtime: TensorFlowRuntime, inputs: list[str]) -> Any:
     try:
         import tf2onnx
     except ImportError:
@@ -74,8 +83,8 @@ def _to_onnx(runtime: TensorFlowRuntime) -> Any:
         try:
             model, _ = tf2onnx.convert.from_graph_def(
                 frozen.graph_def,
-                input_names=[frozen.observations],
-                output_names=list(frozen.outputs),
+                input_names=inputs,
+                output_names=list(frozen.outputs + frozen.state_outputs),
                 opset=OPSET,
             )
         except Exception as error:  # tf2onnx raises many kinds; any of them means "keep TF"

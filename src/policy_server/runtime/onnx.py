@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,14 @@ import numpy.typing as npt
 
 from policy_server.errors import PolicyLoadError
 from policy_server.policy.spaces import ActionSpace, space_from_dict
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import (
+    InputRoles,
+    ModelOutputs,
+    Recurrence,
+    StepInputs,
+    TensorInfo,
+    model_prev_actions,
+)
 
 LAYOUT_KEY = "policy_server.layout"
 
@@ -25,6 +32,9 @@ class OnnxLayout:
     action_space: ActionSpace
     logits_output: str
     value_output: str | None
+    # The roles of the inputs when there are several (a recurrent policy), and its state.
+    roles: InputRoles | None = None
+    recurrence: Recurrence | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -33,18 +43,55 @@ class OnnxLayout:
                 "action_space": self.action_space.describe(),
                 "logits_output": self.logits_output,
                 "value_output": self.value_output,
+                "roles": None if self.roles is None else asdict(self.roles),
+                "recurrence": None if self.recurrence is None else self.recurrence.describe(),
             }
         )
 
     @classmethod
     def from_json(cls, text: str) -> OnnxLayout:
         data = json.loads(text)
+        roles, recurrence = data.get("roles"), data.get("recurrence")
         return cls(
             observation_width=int(data["observation_width"]),
             action_space=space_from_dict(data["action_space"]),
             logits_output=data["logits_output"],
             value_output=data.get("value_output"),
+            roles=None
+            if roles is None
+            else InputRoles(
+                observations=roles["observations"],
+                state_in=tuple(roles["state_in"]),
+                state_out=tuple(roles["state_out"]),
+                seq_lens=roles["seq_lens"],
+                prev_actions=roles["prev_actions"],
+                prev_rewards=roles["prev_rewards"],
+                fixed=tuple((name, int(value)) for name, value in roles["fixed"]),
+            ),
+            recurrence=None if recurrence is None else Recurrence.from_dict(recurrence),
         )
+
+
+_ONNX_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+    "tensor(float16)": "float16",
+}
+
+
+def tensor_infos(values: Any) -> dict[str, TensorInfo]:
+    """ONNX Runtime's inputs or outputs as the signature reader sees them: named dims and
+    unknown ones are the batch (None)."""
+    return {
+        v.name: TensorInfo(
+            shape=tuple(d if isinstance(d, int) else None for d in v.shape),
+            dtype=_ONNX_TYPES.get(v.type, v.type),
+        )
+        for v in values
+    }
 
 
 def import_onnxruntime() -> Any:
@@ -96,24 +143,62 @@ class OnnxRuntime:
         self.source = source
         self.observation_width = layout.observation_width
         self.action_space = layout.action_space
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise PolicyLoadError(
-                f"{source}: an ONNX policy takes one input (the observations), this one takes "
-                f"{[i.name for i in inputs]}"
+        self.recurrence = layout.recurrence
+        infos = tensor_infos(session.get_inputs())
+        roles = layout.roles
+        if roles is None:
+            if len(infos) != 1:
+                raise PolicyLoadError(
+                    f"{source}: an ONNX policy takes one input (the observations), this one "
+                    f"takes {sorted(infos)}; name their roles in schema.yaml's parameters.model"
+                )
+            roles = InputRoles(observations=next(iter(infos)))
+        self._input = roles.observations
+        self._roles = roles
+        self._constant = {
+            name: np.full(
+                [1 if d is None else d for d in infos[name].shape], value, infos[name].dtype
             )
-        self._input = inputs[0].name
+            for name, value in roles.fixed
+        }
+        self._prev_actions = None if roles.prev_actions is None else infos[roles.prev_actions]
+        self._seq_lens_dtype = None if roles.seq_lens is None else infos[roles.seq_lens].dtype
         outputs = [o.name for o in session.get_outputs()]
-        for name in (layout.logits_output, layout.value_output):
+        for name in (layout.logits_output, layout.value_output, *roles.state_out):
             if name is not None and name not in outputs:
                 raise PolicyLoadError(f"{source}: no output {name!r}; it has {outputs}")
-        self._outputs = [layout.logits_output] + (
-            [layout.value_output] if layout.value_output else []
+        self._outputs = (
+            [layout.logits_output]
+            + ([layout.value_output] if layout.value_output else [])
+            + list(roles.state_out)
         )
+        self._heads = 2 if layout.value_output else 1
 
-    def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
+    def forward(
+        self, observations: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         large = len(observations) >= self.LARGE_BATCH
         session = self._large_session if large else self._session
-        results = session.run(self._outputs, {self._input: observations})
-        value = results[1].reshape(-1) if len(results) > 1 else None
-        return ModelOutputs(logits=results[0], value=value)
+        feeds: dict[str, Any] = {self._input: observations}
+        if self._constant:
+            feeds.update(self._constant)
+        if self.recurrence is not None:
+            feeds.update(self._step_feeds(step or self.recurrence.initial(len(observations))))
+        results = session.run(self._outputs, feeds)
+        value = results[1].reshape(-1) if self._heads > 1 else None
+        state = tuple(results[self._heads :]) if self._roles.state_out else None
+        return ModelOutputs(logits=results[0], value=value, state=state)
+
+    def _step_feeds(self, step: StepInputs) -> dict[str, Any]:
+        roles = self._roles
+        feeds: dict[str, Any] = dict(zip(roles.state_in, step.state, strict=True))
+        if roles.seq_lens is not None and self._seq_lens_dtype is not None:
+            feeds[roles.seq_lens] = np.ones(len(step.prev_rewards), self._seq_lens_dtype)
+        if roles.prev_actions is not None and self._prev_actions is not None:
+            info = self._prev_actions
+            feeds[roles.prev_actions] = model_prev_actions(
+                step.prev_actions, info.shape, info.dtype
+            )
+        if roles.prev_rewards is not None:
+            feeds[roles.prev_rewards] = step.prev_rewards
+        return feeds

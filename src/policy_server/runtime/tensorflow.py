@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,16 @@ import numpy.typing as npt
 
 from policy_server.errors import PolicyLoadError
 from policy_server.policy.schema import Parameters
-from policy_server.runtime.base import ModelOutputs, SignatureLayout, TensorInfo, read_layout
+from policy_server.runtime.base import (
+    InputRoles,
+    ModelOutputs,
+    Recurrence,
+    SignatureLayout,
+    StepInputs,
+    TensorInfo,
+    model_prev_actions,
+    read_layout,
+)
 from policy_server.runtime.quiet import (
     native_notices_dropped,
     quiet_framework_loggers,
@@ -33,6 +43,7 @@ from policy_server.runtime.saved_model import find_saved_model
 logger = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
+_SAMPLING_OUTPUT = re.compile(r"^(?:actions(?:_\d+)?|action_prob|action_logp)$")
 _MAX_CACHED_BATCHES = 256
 
 
@@ -65,13 +76,25 @@ class Feed:
 class FrozenForward:
     """The forward pass alone, variables folded into constants: what runs and what converts.
 
-    `outputs` names the logits tensor, then the value tensor if the model has one.
+    `outputs` names the logits tensor, then the value tensor if the model has one;
+    `state_outputs` the state after the step of a recurrent policy, fetched after them.
     """
 
     graph_def: Any
     observations: str
     outputs: tuple[str, ...]
     feeds: tuple[Feed, ...]
+    state_outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _StepTensors:
+    """The graph tensors a recurrent policy's step feeds, by role."""
+
+    state: tuple[str, ...]
+    seq_lens: str | None
+    prev_actions: Feed | None
+    prev_rewards: str | None
 
 
 @dataclass(frozen=True)
@@ -97,7 +120,13 @@ class TensorFlowRuntime:
         with quiet_frameworks():
             signature = _load_signature(tf, root, self.source)
             self.layout: SignatureLayout = read_layout(
-                signature.inputs, signature.outputs, signature.split_sizes, parameters, self.source
+                signature.inputs,
+                signature.outputs,
+                signature.split_sizes,
+                parameters,
+                self.source,
+                signature.input_tensors,
+                signature.output_tensors,
             )
             try:
                 self.frozen = _forward_graph(tf, signature, self.layout, self.source)
@@ -111,14 +140,50 @@ class TensorFlowRuntime:
                 ) from None
         self.observation_width = self.layout.observation_width
         self.action_space = self.layout.action_space
+        self.recurrence: Recurrence | None = self.layout.recurrence
+        self._step = _step_tensors(signature, self.layout, self.frozen)
+        self._fetches = list(self.frozen.outputs + self.frozen.state_outputs)
         self._feeds_by_batch: dict[int, dict[str, npt.NDArray[Any]]] = {}
 
-    def forward(self, observations: npt.NDArray[np.float32]) -> ModelOutputs:
-        feeds = {self.frozen.observations: observations}
-        feeds.update(self._extra_feeds(observations.shape[0]))
-        results = self._session.run(self.frozen.outputs, feeds)
-        value = results[1].reshape(-1) if len(results) > 1 else None
-        return ModelOutputs(logits=results[0], value=value)
+    def forward(
+        self, observations: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
+        batch = observations.shape[0]
+        feeds = dict(self._extra_feeds(batch))
+        feeds[self.frozen.observations] = observations
+        if self.recurrence is not None:
+            feeds.update(self._step_feeds(step or self.recurrence.initial(batch)))
+        results = self._session.run(self._fetches, feeds)
+        count = len(self.frozen.outputs)
+        value = results[1].reshape(-1) if count > 1 else None
+        state = tuple(results[count:]) if self.frozen.state_outputs else None
+        return ModelOutputs(logits=results[0], value=value, state=state)
+
+    def onnx_roles(self) -> InputRoles:
+        """The roles of the inputs and outputs by graph tensor name: the names the ONNX
+        model converted from this graph has."""
+        step = self._step
+        return InputRoles(
+            observations=self.frozen.observations,
+            state_in=step.state,
+            state_out=self.frozen.state_outputs,
+            seq_lens=step.seq_lens,
+            prev_actions=None if step.prev_actions is None else step.prev_actions.tensor,
+            prev_rewards=step.prev_rewards,
+        )
+
+    def _step_feeds(self, step: StepInputs) -> dict[str, npt.NDArray[Any]]:
+        tensors = self._step
+        feeds: dict[str, npt.NDArray[Any]] = dict(zip(tensors.state, step.state, strict=True))
+        if tensors.seq_lens is not None:
+            # Each row is its own sequence of one step: RLlib's compute_single_action.
+            feeds[tensors.seq_lens] = np.ones(len(step.prev_rewards), np.int32)
+        if tensors.prev_actions is not None:
+            feed = tensors.prev_actions
+            feeds[feed.tensor] = model_prev_actions(step.prev_actions, feed.shape, feed.dtype)
+        if tensors.prev_rewards is not None:
+            feeds[tensors.prev_rewards] = step.prev_rewards
+        return feeds
 
     def _extra_feeds(self, batch: int) -> dict[str, npt.NDArray[Any]]:
         feeds = self._feeds_by_batch.get(batch)
@@ -191,7 +256,13 @@ def _load_v1(tf: Any, root: Path, source: str) -> _Signature:
         if SIGNATURE not in meta.signature_def:
             raise _no_serving_default(source, list(meta.signature_def))
         signature = meta.signature_def[SIGNATURE]
-        output_nodes = [_node(info.name) for info in signature.outputs.values()]
+        # Only what the server runs: an export's sampling may read variables its saver
+        # left out (RLlib's exploration timestep), and the server samples by itself.
+        output_nodes = [
+            _node(info.name)
+            for key, info in signature.outputs.items()
+            if not _SAMPLING_OUTPUT.match(key)
+        ]
         graph_def = v1.graph_util.convert_variables_to_constants(
             session, graph.as_graph_def(), output_nodes
         )
@@ -219,14 +290,36 @@ def _forward_graph(
     outputs = [signature.output_tensors[layout.logits_output]]
     if layout.value_output:
         outputs.append(signature.output_tensors[layout.value_output])
-    observations = signature.input_tensors.get("observations")
+    state = [signature.output_tensors[name] for name in layout.roles.state_out]
+    observations = signature.input_tensors.get(layout.roles.observations)
     if observations is None:
         raise PolicyLoadError(f"{source}: the signature's 'observations' input is not in its graph")
     graph_def = tf.compat.v1.graph_util.extract_sub_graph(
-        signature.graph_def, [_node(name) for name in outputs]
+        signature.graph_def, [_node(name) for name in outputs + state]
     )
     feeds = _bake_fixed_placeholders(tf, graph_def, _node(observations))
-    return FrozenForward(graph_def, observations, tuple(outputs), feeds)
+    return FrozenForward(graph_def, observations, tuple(outputs), feeds, tuple(state))
+
+
+def _step_tensors(
+    signature: _Signature, layout: SignatureLayout, frozen: FrozenForward
+) -> _StepTensors:
+    roles = layout.roles
+    tensors = signature.input_tensors
+    feeds = {feed.tensor: feed for feed in frozen.feeds}
+
+    def fed(role: str | None) -> str | None:
+        # An input the logits, value and state do not read was pruned: nothing to feed.
+        tensor = None if role is None else tensors.get(role)
+        return tensor if tensor in feeds else None
+
+    prev = fed(roles.prev_actions)
+    return _StepTensors(
+        state=tuple(tensors[name] for name in roles.state_in),
+        seq_lens=fed(roles.seq_lens),
+        prev_actions=None if prev is None else feeds[prev],
+        prev_rewards=fed(roles.prev_rewards),
+    )
 
 
 def _bake_fixed_placeholders(tf: Any, graph_def: Any, observations: str) -> tuple[Feed, ...]:

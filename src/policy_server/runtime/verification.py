@@ -12,7 +12,7 @@ from policy_server.errors import PolicyLoadError
 from policy_server.policy.distribution import distribution_for
 from policy_server.policy.schema import FieldType, ObservationField, PolicySchema
 from policy_server.policy.spaces import ActionSpace, Box, categorical_sizes
-from policy_server.runtime.base import ModelOutputs, PolicyRuntime
+from policy_server.runtime.base import ModelOutputs, PolicyRuntime, StepInputs
 
 if TYPE_CHECKING:
     from policy_server.runtime.tensorflow import TensorFlowRuntime
@@ -35,8 +35,17 @@ def verify(
     observations = verification_observations(
         reference.observation_width, reference.action_space, schema
     )
-    expected = _run(reference, observations, f"{source}: TensorFlow")
-    got = _run(candidate, observations, f"{source}: the ONNX model")
+    step = _random_step(reference, len(observations))
+    expected = _run(reference, observations, f"{source}: TensorFlow", step)
+    got = _run(candidate, observations, f"{source}: the ONNX model", step)
+    if expected.state is not None and (
+        got.state is None
+        or not all(
+            np.allclose(a, b, rtol=1e-5, atol=LOGITS_ATOL)
+            for a, b in zip(got.state, expected.state, strict=True)
+        )
+    ):
+        raise PolicyLoadError(f"{source}: the ONNX model's state differs from TensorFlow's")
     if not np.allclose(got.logits, expected.logits, rtol=1e-5, atol=LOGITS_ATOL, equal_nan=True):
         worst = float(np.nanmax(np.abs(got.logits - expected.logits)))
         raise PolicyLoadError(
@@ -44,9 +53,15 @@ def verify(
         )
     distribution = distribution_for(reference.action_space)
     rows = distribution.valid_rows(expected.logits)
-    if not np.array_equal(
-        distribution.mode(got.logits[rows]).values, distribution.mode(expected.logits[rows]).values
-    ):
+    got_mode = distribution.mode(got.logits[rows]).values
+    expected_mode = distribution.mode(expected.logits[rows]).values
+    # A continuous mode is the mean: within the logits' tolerance, as the means are.
+    same = (
+        np.allclose(got_mode, expected_mode, rtol=1e-5, atol=LOGITS_ATOL)
+        if isinstance(reference.action_space, Box)
+        else np.array_equal(got_mode, expected_mode)
+    )
+    if not same:
         raise PolicyLoadError(f"{source}: ONNX and TensorFlow disagree on the most likely action")
     if (expected.value is None) != (got.value is None) or (
         expected.value is not None
@@ -58,9 +73,36 @@ def verify(
         )
 
 
-def _run(runtime: PolicyRuntime, observations: npt.NDArray[np.float32], who: str) -> ModelOutputs:
+def _random_step(reference: TensorFlowRuntime, rows: int, seed: int = 1) -> StepInputs | None:
+    """A recurrent policy is checked mid-episode: random states, previous actions the
+    action space allows, and rewards."""
+    recurrence = reference.recurrence
+    if recurrence is None:
+        return None
+    rng = np.random.default_rng(seed)
+    space = reference.action_space
+    if isinstance(space, Box):
+        prev = rng.normal(size=(rows, recurrence.action_width))
+    else:
+        sizes = categorical_sizes(space)
+        prev = np.stack([rng.integers(0, n, rows) for n in sizes], axis=1)
+    return StepInputs(
+        tuple(rng.normal(size=(rows, size)).astype(np.float32) for size in recurrence.state_sizes),
+        prev.astype(np.float32),
+        rng.normal(size=rows).astype(np.float32),
+    )
+
+
+def _run(
+    runtime: PolicyRuntime,
+    observations: npt.NDArray[np.float32],
+    who: str,
+    step: StepInputs | None = None,
+) -> ModelOutputs:
     try:
-        return runtime.forward(observations)
+        return (
+            runtime.forward(observations) if step is None else runtime.forward(observations, step)
+        )
     except Exception as error:  # TensorFlow and ONNX Runtime raise their own kinds
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise PolicyLoadError(f"{who} fails on the verification observations ({first})") from None

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, StepInputs
 
 logger = logging.getLogger(__name__)
 
-Forward = Callable[[npt.NDArray[np.float32]], ModelOutputs]
+# A runtime's forward pass: observations, and for a recurrent policy its step inputs.
+Forward = Callable[..., ModelOutputs]
 INLINE_BUDGET_S = 0.001
 
 
@@ -38,6 +39,8 @@ INLINE_BUDGET_S = 0.001
 class _Pending:
     rows: npt.NDArray[np.float32]
     future: asyncio.Future[ModelOutputs]
+    # A recurrent policy's state and previous actions and rewards, one row per observation.
+    step: StepInputs | None = None
 
 
 class MicroBatcher:
@@ -68,10 +71,12 @@ class MicroBatcher:
         self._thread: ThreadPoolExecutor | None = None
         self._durations = Durations(inline_budget_s)
 
-    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+    async def forward(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         """The model's outputs for `rows`, computed in a batch with concurrent callers."""
         future: asyncio.Future[ModelOutputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
+        self._queue.append(_Pending(rows, future, step))
         if self._worker is None or self._worker.done():
             # The event of this loop: a client without lifespan runs each request on an event
             # loop of its own, whose end cancels the worker.
@@ -120,12 +125,15 @@ class MicroBatcher:
         if not batch:
             return
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+        steps = [p.step for p in batch if p.step is not None]
+        step = StepInputs.concatenate(steps) if steps else None
         try:
             if self._durations.quick(len(rows)):
-                outputs, seconds = self._timed(rows)
+                outputs, seconds = self._timed(rows, step)
             else:
                 loop = asyncio.get_running_loop()
-                outputs, seconds = await loop.run_in_executor(self._executor(), self._timed, rows)
+                call = self._executor()
+                outputs, seconds = await loop.run_in_executor(call, self._timed, rows, step)
         except Exception as error:
             await self._execute_alone(batch, error)
             return
@@ -136,13 +144,14 @@ class MicroBatcher:
         for pending in batch:
             end = start + len(pending.rows)
             if not pending.future.done():
-                value = None if outputs.value is None else outputs.value[start:end]
-                pending.future.set_result(ModelOutputs(outputs.logits[start:end], value))
+                pending.future.set_result(outputs.rows(start, end))
             start = end
 
-    def _timed(self, rows: npt.NDArray[np.float32]) -> tuple[ModelOutputs, float]:
+    def _timed(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None
+    ) -> tuple[ModelOutputs, float]:
         started = time.perf_counter()
-        outputs = self._forward(rows)
+        outputs = self._forward(rows) if step is None else self._forward(rows, step)
         return outputs, time.perf_counter() - started
 
     def _executor(self) -> ThreadPoolExecutor:

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.experience.log import DecisionLog
-from policy_server.experience.records import decision_records
+from policy_server.experience.records import decision_records, reward_record
 from policy_server.metrics import Metrics
 from policy_server.policy.distribution import Categorical
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
@@ -39,6 +39,11 @@ class ActionMetrics:
         if isinstance(event.version.loaded.distribution, Categorical):
             values: npt.NDArray[np.int64] = event.chosen.values  # type: ignore[assignment]
             self.metrics.count_actions(event.version.name, event.version.version, values)
+        if event.state_resets is not None:
+            resets = sum(1 for reset in event.state_resets if reset)
+            if resets:
+                version = event.version
+                self.metrics.state_resets.labels(version.name, version.version).inc(resets)
 
 
 @dataclass
@@ -175,8 +180,13 @@ class DecisionLogger:
             sampled=event.sampled,
             distribution=policy.distribution.distribution(event.logits),
             masks=event.masks,
+            state_resets=event.state_resets,
+            inputs=event.inputs,
         )
-        await self.log.append(records)
+        # A step's reward belongs to the decision before it, which this log or another
+        # worker's wrote before this step was asked for.
+        rewards = [reward_record(decision, reward) for decision, reward in event.rewards]
+        await self.log.append([*rewards, *records])
 
     def shadow_answer(self, _: ShadowWork, answer: dict[str, Any]) -> None:
         """A shadow sink: runs in the shadow thread, so it may block on a full queue."""

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import BackendUnavailable, PolicyLoadError
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, StepInputs
 from policy_server.serving.registry import PolicyVersion
 from policy_server.settings import PolicySettings, Settings
 
@@ -58,14 +58,20 @@ class PolicyDeployment:
         self._replica = serve.get_replica_context().replica_id.unique_id
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # type: ignore[untyped-decorator]
-    async def forward(self, requests: list[npt.NDArray[np.float32]]) -> list[tuple[Any, Any, str]]:
-        rows = requests[0] if len(requests) == 1 else np.concatenate(requests)
-        outputs = self._runtime.forward(rows)
+    async def forward(
+        self, requests: list[tuple[npt.NDArray[np.float32], StepInputs | None]]
+    ) -> list[tuple[Any, Any, Any, str]]:
+        """Each request is its rows and, for a recurrent policy, what they feed besides:
+        the state travels with the call, so any replica answers any episode's step."""
+        parts = [rows for rows, _ in requests]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        steps = [step for _, step in requests if step is not None]
+        outputs = self._runtime.forward(rows, StepInputs.concatenate(steps) if steps else None)
         answers, start = [], 0
-        for request in requests:
+        for request, _ in requests:
             end = start + len(request)
-            value = None if outputs.value is None else outputs.value[start:end]
-            answers.append((outputs.logits[start:end], value, self._replica))
+            part = outputs.rows(start, end)
+            answers.append((part.logits, part.value, part.state, self._replica))
             start = end
         return answers
 
@@ -115,9 +121,11 @@ class RayForward:
         self._application = application
         self._on_replica = on_replica
 
-    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+    async def forward(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs:
         try:
-            logits, value, replica = await self._handle.forward.remote(rows)
+            logits, value, state, replica = await self._handle.forward.remote((rows, step))
         except Exception as error:  # a replica died or is restarting: ask the client to retry
             logger.warning("Ray Serve request failed: %s", error)
             raise BackendUnavailable(
@@ -125,7 +133,7 @@ class RayForward:
             ) from None
         if self._on_replica is not None:
             self._on_replica(replica)
-        return ModelOutputs(logits, value)
+        return ModelOutputs(logits, value, state)
 
     async def close(self) -> None:
         if self._application is not None:  # only the process that deployed it removes it

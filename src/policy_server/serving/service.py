@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypedDict
 
 import numpy as np
@@ -22,9 +22,16 @@ import numpy.typing as npt
 from policy_server.errors import InferenceTimeout, InvalidRows, PolicyUnavailable, RowError
 from policy_server.policy.distribution import ActionDistribution, Actions, Categorical
 from policy_server.policy.spaces import categorical_sizes
-from policy_server.runtime.base import ModelOutputs
+from policy_server.runtime.base import ModelOutputs, Recurrence, StepInputs
 from policy_server.serving.batching import MicroBatcher
-from policy_server.serving.episodes import LocalSteps, StepCounter
+from policy_server.serving.carried import CarriedCodec, ForeignState
+from policy_server.serving.episodes import (
+    Carried,
+    EpisodeStep,
+    EpisodeStore,
+    LocalEpisodes,
+    StepKey,
+)
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
 from policy_server.settings import PolicySettings
 
@@ -41,6 +48,11 @@ class Prediction(TypedDict, total=False):
     decision_id: str
     episode_id: str
     step: int
+    # Recurrent policies: where the step's state came from (held, given or initial),
+    # whether the episode's state was lost, and the state after the step when asked for.
+    episode_state: str
+    state_reset: bool
+    state: str
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,17 @@ class DistributionResult:
 
 @dataclass(frozen=True)
 class Episode:
-    """What a request says of the episode it belongs to."""
+    """What a request says of the episode it belongs to: its id (sequence id) and step, the
+    reward that followed the episode's previous decision and, for a recurrent policy, the
+    previous action (instead of the one answered), a state string to continue from (instead
+    of the held state) and whether the answer should carry the state after this step."""
 
     episode_id: str | None = None
     step: int | None = None
+    reward: float | None = None
+    prev_action: list[float] | None = None
+    state: str | None = None
+    return_state: bool = False
 
 
 NO_EPISODE = Episode()
@@ -82,7 +101,9 @@ class Group:
 class ModelCaller(Protocol):
     """How the service reaches a version's model: the in-process micro-batcher, or Ray Serve."""
 
-    async def forward(self, rows: npt.NDArray[np.float32]) -> ModelOutputs: ...
+    async def forward(
+        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+    ) -> ModelOutputs: ...
 
     async def close(self) -> None: ...
 
@@ -99,6 +120,12 @@ class PredictionEvent:
     predictions: list[Prediction]
     sampled: bool
     masks: npt.NDArray[np.bool_] | None
+    # Rewards the requests carried, for the decisions their episodes answered before.
+    rewards: list[tuple[str, float]] = field(default_factory=list)
+    # Per row: whether a recurrent episode's state was lost (None: no episode state).
+    state_resets: list[bool | None] | None = None
+    # What a recurrent policy was fed besides the observations.
+    inputs: StepInputs | None = None
 
 
 class Observer(Protocol):
@@ -132,12 +159,12 @@ class PolicyService:
         self,
         registry: PolicyRegistry,
         observers: Sequence[Observer] = (),
-        steps: StepCounter | None = None,
+        episodes: EpisodeStore | None = None,
     ) -> None:
         self.registry = registry
         self.observers = list(observers)
         self._rng = np.random.default_rng()
-        self._steps = steps or LocalSteps()
+        self.episodes = LocalEpisodes() if episodes is None else episodes
         self._ids = DecisionIds()
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
@@ -153,7 +180,11 @@ class PolicyService:
         deterministic: bool = False,
         seed: int | None = None,
     ) -> list[Prediction]:
-        """Decisions for observation rows of shape (batch, the model's input width)."""
+        """Decisions for observation rows of shape (batch, the model's input width).
+
+        A row whose episode names an id is one step of that episode: its step is counted,
+        its reward joins the episode's previous decision and, for a recurrent policy, the
+        model is fed the episode's state and the state it returns is kept."""
         group = Group(version, rows, episodes, masks)
         [predictions] = await self.predict_groups([group], deterministic=deterministic, seed=seed)
         return predictions
@@ -165,53 +196,232 @@ class PolicyService:
 
         The request is answered whole or not at all: every version is leased before the
         first model call (call this in the same step of the event loop as the lookup that
-        chose them), every group's masks and logits are checked before any decision counts a
-        step or reaches the observers."""
+        chose them), and every group's masks, episode inputs and logits are checked before
+        any decision reaches the observers. Episode steps are counted once every model
+        answered, except a recurrent episode's, which its model call needs first (its
+        state); a later group's failure leaves that step counted."""
         with self.registry.lease(*(group.version for group in groups)):
             masks = [self._group_masks(group) for group in groups]
-            outputs = await self._forward_all(groups)
+            ids = [self._ids.take(len(group.rows)) for group in groups]
+            steps: list[list[EpisodeStep | None] | None] = [None] * len(groups)
+            inputs: list[StepInputs | None] = [None] * len(groups)
+            origins: list[list[str] | None] = [None] * len(groups)
+            for index, group in enumerate(groups):
+                recurrence = group.version.loaded.runtime.recurrence
+                if recurrence is not None:
+                    steps[index] = await self._group_begin(group, ids[index], recurrent=True)
+                    inputs[index], origins[index] = self._group_inputs(
+                        group, recurrence, steps[index]
+                    )
+            outputs = await self._forward_all(groups, inputs)
             logits = [
                 self._checked_logits(group, output, mask)
                 for group, output, mask in zip(groups, outputs, masks, strict=True)
             ]
+            for index, group in enumerate(groups):
+                if origins[index] is None:
+                    steps[index] = await self._group_begin(group, ids[index], recurrent=False)
             answers, events = [], []
-            for group, output, logit, mask in zip(groups, outputs, logits, masks, strict=True):
-                policy = group.version.loaded
+            for index, group in enumerate(groups):
+                version, output, logit = group.version, outputs[index], logits[index]
+                policy = version.loaded
                 if deterministic:
                     chosen = policy.distribution.mode(logit)
                 else:
                     rng = self._rng if seed is None else np.random.default_rng(seed)
                     chosen = policy.distribution.sample(logit, rng)
-                predictions = self._predictions(group.version, chosen, output, group.episodes)
+                predictions = self._predictions(
+                    version, chosen, output, ids[index], group.episodes, steps[index]
+                )
+                resets: list[bool | None] | None = None
+                found = origins[index]
+                if found is not None:
+                    resets = await self._carry(
+                        version, group.episodes, steps[index], found, output, chosen, predictions
+                    )
                 answers.append(predictions)
                 events.append(
                     PredictionEvent(
-                        group.version,
+                        version,
                         group.rows,
                         logit,
                         output,
                         chosen,
                         predictions,
                         not deterministic,
-                        mask,
+                        masks[index],
+                        _rewards(group.episodes, steps[index]),
+                        resets,
+                        inputs[index],
                     )
                 )
-            for event in events:
-                for observer in self.observers:
-                    await observer.observe(event)
+            if self.observers:
+                for event in events:
+                    for observer in self.observers:
+                        await observer.observe(event)
         return answers
+
+    async def _group_begin(
+        self, group: Group, ids: list[str], *, recurrent: bool
+    ) -> list[EpisodeStep | None] | None:
+        try:
+            return await self._begin(group.version, group.episodes, ids, recurrent)
+        except InvalidRows as error:
+            raise _in_request(group, error) from None
+
+    def _group_inputs(
+        self, group: Group, recurrence: Recurrence, steps: list[EpisodeStep | None] | None
+    ) -> tuple[StepInputs, list[str]]:
+        try:
+            return self._step_inputs(
+                group.version, recurrence, group.episodes, steps, len(group.rows)
+            )
+        except InvalidRows as error:
+            raise _in_request(group, error) from None
+
+    async def _begin(
+        self,
+        version: PolicyVersion,
+        episodes: Sequence[Episode] | None,
+        ids: list[str],
+        recurrent: bool,
+    ) -> list[EpisodeStep | None] | None:
+        """Each row's step as the episode store counts it (None for a row of no episode)."""
+        if episodes is None:
+            return None
+        rows = [i for i, e in enumerate(episodes) if e.episode_id is not None]
+        if not rows:
+            return None
+        if recurrent:
+            _refuse_repeated_episodes(episodes, rows)
+        keys = []
+        for row in rows:
+            episode = episodes[row]
+            assert episode.episode_id is not None
+            keys.append(
+                StepKey(episode.episode_id, version.name, version.version, ids[row], episode.step)
+            )
+        found = await self.episodes.begin(keys)
+        steps: list[EpisodeStep | None] = [None] * len(episodes)
+        for row, step in zip(rows, found, strict=True):
+            steps[row] = step
+        return steps
+
+    def codec(self, version: PolicyVersion) -> CarriedCodec:
+        """The version's state codec, built once and kept on the version."""
+        policy = version.loaded
+        found: CarriedCodec | None = policy.derived.get("service.codec")
+        if found is None:
+            assert policy.runtime.recurrence is not None
+            found = CarriedCodec(
+                version.name, version.version, policy.runtime.recurrence, self.episodes.secret
+            )
+            policy.derived["service.codec"] = found
+        return found
+
+    def _step_inputs(
+        self,
+        version: PolicyVersion,
+        recurrence: Recurrence,
+        episodes: Sequence[Episode] | None,
+        steps: list[EpisodeStep | None] | None,
+        count: int,
+    ) -> tuple[StepInputs, list[str]]:
+        """What each row feeds besides its observation, and where its state came from: the
+        request's `state`, the episode's held state, else zeros (RLlib's initial state)."""
+        inputs = recurrence.initial(count)
+        origins = ["initial"] * count
+        if episodes is None:
+            return inputs, origins
+        codec = self.codec(version)
+        errors: list[RowError] = []
+        for row, episode in enumerate(episodes):
+            step = steps[row] if steps is not None else None
+            carried = None
+            if episode.state is not None:
+                try:
+                    carried = codec.verify(episode.state)
+                except ForeignState as error:
+                    errors.append(RowError(row, "state", f"the state string {error}"))
+                    continue
+                origins[row] = "given"
+            elif step is not None and step.carried is not None:
+                carried, origins[row] = step.carried, "held"
+            if carried is not None:
+                state, action = codec.decode(carried)
+                for target, values in zip(inputs.state, state, strict=True):
+                    target[row] = values
+                inputs.prev_actions[row] = action
+            if episode.prev_action is not None:
+                if len(episode.prev_action) != recurrence.action_width:
+                    errors.append(
+                        RowError(
+                            row,
+                            "prev_action",
+                            f"needs {recurrence.action_width} value(s), one per action "
+                            f"component, got {len(episode.prev_action)}",
+                        )
+                    )
+                    continue
+                inputs.prev_actions[row] = episode.prev_action
+            # RLlib feeds 0 at an episode's first step, whatever followed the one before.
+            first = step is not None and step.step == 0 and origins[row] != "given"
+            if episode.reward is not None and not first:
+                inputs.prev_rewards[row] = episode.reward
+        if errors:
+            raise InvalidRows("invalid episode state", errors)
+        return inputs, origins
+
+    async def _carry(
+        self,
+        version: PolicyVersion,
+        episodes: Sequence[Episode] | None,
+        steps: list[EpisodeStep | None] | None,
+        origins: list[str],
+        outputs: ModelOutputs,
+        chosen: Actions,
+        predictions: list[Prediction],
+    ) -> list[bool | None]:
+        """Keep each episode's state after the step; hand it out where asked for."""
+        assert outputs.state is not None
+        codec = self.codec(version)
+        carried = codec.encode(outputs.state, chosen.values.astype(np.float32))
+        kept, resets = [], []
+        for row, prediction in enumerate(predictions):
+            episode = episodes[row] if episodes is not None else None
+            step = steps[row] if steps is not None else None
+            prediction["episode_state"] = origins[row]
+            if step is not None and episode is not None and episode.episode_id is not None:
+                prediction["state_reset"] = step.state_reset and origins[row] != "given"
+                kept.append(
+                    Carried(episode.episode_id, version.name, version.version, carried[row])
+                )
+            resets.append(None if step is None else prediction["state_reset"])
+            if episode is not None and episode.return_state:
+                prediction["state"] = codec.sign(carried[row])
+        if kept:
+            await self.episodes.keep(kept)
+        return resets
 
     async def distribution(
         self,
         version: PolicyVersion,
         rows: npt.NDArray[np.float32],
         masks: Sequence[list[list[Any]] | None] | None = None,
+        episodes: Sequence[Episode] | None = None,
     ) -> DistributionResult:
+        """The exact distribution; never a step of an episode: a recurrent policy's is
+        computed from the request's `state` (and `prev_action`, `reward`), else from the
+        initial state."""
+        policy = version.loaded
+        recurrence = policy.runtime.recurrence
+        group = Group(version, rows, episodes, masks)
         with self.registry.lease(version):
-            policy = version.loaded
-            group = Group(version, rows, masks=masks)
+            inputs = None
+            if recurrence is not None:
+                inputs, _ = self._group_inputs(group, recurrence, None)
             mask = self._group_masks(group)
-            [outputs] = await self._forward_all([group])
+            [outputs] = await self._forward_all([group], [inputs])
             logits = self._checked_logits(group, outputs, mask)
         exact = policy.distribution.distribution(logits)
         mode = policy.distribution.mode(logits)
@@ -245,12 +455,17 @@ class PolicyService:
             raise _in_request(group, error) from None
         return logits
 
-    async def _forward_all(self, groups: Sequence[Group]) -> list[ModelOutputs]:
+    async def _forward_all(
+        self, groups: Sequence[Group], inputs: Sequence[StepInputs | None]
+    ) -> list[ModelOutputs]:
         if len(groups) == 1:
-            return [await self._forward(groups[0].version, groups[0].rows)]
+            return [await self._forward(groups[0].version, groups[0].rows, inputs[0])]
         # Every call finishes before the leases end, the failed ones too.
         results = await asyncio.gather(
-            *(self._forward(group.version, group.rows) for group in groups),
+            *(
+                self._forward(group.version, group.rows, step)
+                for group, step in zip(groups, inputs, strict=True)
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -258,7 +473,12 @@ class PolicyService:
                 raise result
         return results  # type: ignore[return-value]
 
-    async def _forward(self, version: PolicyVersion, rows: npt.NDArray[np.float32]) -> ModelOutputs:
+    async def _forward(
+        self,
+        version: PolicyVersion,
+        rows: npt.NDArray[np.float32],
+        inputs: StepInputs | None = None,
+    ) -> ModelOutputs:
         if version.caller is None and self.attach is not None:
             await self._attached(version)
         caller = version.caller
@@ -267,7 +487,7 @@ class PolicyService:
         timeout = self.registry.entry(version.name).settings.inference_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                outputs: ModelOutputs = await caller.forward(rows)
+                outputs: ModelOutputs = await caller.forward(rows, inputs)
         except TimeoutError:
             raise InferenceTimeout(
                 f"{version.name} version {version.version} did not answer within {timeout:g} s"
@@ -332,13 +552,14 @@ class PolicyService:
         version: PolicyVersion,
         chosen: Actions,
         outputs: ModelOutputs,
+        ids: list[str],
         episodes: Sequence[Episode] | None,
+        steps: list[EpisodeStep | None] | None,
     ) -> list[Prediction]:
         values = chosen.values.tolist()
         log_probs = chosen.log_prob.tolist()
         probabilities = np.exp(chosen.log_prob).tolist()
         estimates = [None] * len(values) if outputs.value is None else outputs.value.tolist()
-        ids = self._ids.take(len(values))
         name, label = version.name, version.version
         predictions: list[Prediction] = [
             {
@@ -352,20 +573,55 @@ class PolicyService:
             }
             for a, p, lp, v, i in zip(values, probabilities, log_probs, estimates, ids, strict=True)
         ]
-        if episodes is not None:
-            for prediction, episode in zip(predictions, episodes, strict=True):
-                if episode.episode_id is not None:
+        if episodes is not None and steps is not None:
+            for prediction, episode, step in zip(predictions, episodes, steps, strict=True):
+                if episode.episode_id is not None and step is not None:
                     prediction["episode_id"] = episode.episode_id
-                    prediction["step"] = self._step(episode)
+                    prediction["step"] = step.step
         return predictions
 
-    def _step(self, episode: Episode) -> int:
-        """The client's step, else the count of the episode's decisions so far."""
-        assert episode.episode_id is not None
-        return self._steps.take(episode.episode_id, episode.step)
+    async def end_episode(self, episode_id: str) -> None:
+        """Forget the episode: its next step starts from zeros, counted from 0."""
+        await self.episodes.end(episode_id)
 
-    def end_episode(self, episode_id: str) -> None:
-        self._steps.end(episode_id)
+
+def _refuse_repeated_episodes(episodes: Sequence[Episode], rows: list[int]) -> None:
+    """Two steps of one recurrent episode in one call have no order: the second would need
+    the state the first returns."""
+    seen: dict[str, int] = {}
+    errors = []
+    for row in rows:
+        episode_id = episodes[row].episode_id
+        assert episode_id is not None
+        if episode_id in seen:
+            errors.append(
+                RowError(
+                    row,
+                    "episode_id",
+                    f"episode {episode_id!r} is also item {seen[episode_id]} of this batch; "
+                    "send a recurrent episode's steps one call at a time",
+                )
+            )
+        else:
+            seen[episode_id] = row
+    if errors:
+        raise InvalidRows("two steps of one episode in one batch", errors)
+
+
+def _rewards(
+    episodes: Sequence[Episode] | None, steps: list[EpisodeStep | None] | None
+) -> list[tuple[str, float]]:
+    """The rewards the requests carried, for the decisions that preceded them."""
+    if episodes is None or steps is None:
+        return []
+    return [
+        (step.previous_decision, episode.reward)
+        for episode, step in zip(episodes, steps, strict=True)
+        if step is not None
+        and episode.reward is not None
+        and step.previous_decision is not None
+        and step.step > 0
+    ]
 
 
 def _in_request(group: Group, error: InvalidRows) -> InvalidRows:

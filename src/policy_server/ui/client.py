@@ -71,6 +71,48 @@ class PolicyClient:
         answer: dict[str, Any] = self._call("POST", target.prefix + route, body)
         return answer
 
+    def end_episode(self, episode_id: str) -> dict[str, Any]:
+        """`POST /episodes/{id}/end`: the server frees the episode's state."""
+        answer: dict[str, Any] = self._call("POST", f"/episodes/{quote(episode_id, safe='')}/end")
+        return answer
+
+
+@dataclass
+class EpisodeStepper:
+    """Steps one episode of a recurrent policy: each step an envelope with the episode id
+    and the reward since the previous step; the state string of each answer lets the page
+    show the distribution the step was drawn from (the state before it)."""
+
+    episode_id: str
+    state: str | None = None  # the state after the last step, from its answer
+
+    def step(
+        self, client: PolicyClient, target: Target, route: str, body: Any, reward: float
+    ) -> dict[str, Any]:
+        before: dict[str, Any] = {"observation": body}
+        if self.state is not None:
+            before |= {"state": self.state, "reward": reward}
+        prediction = client.post(
+            target,
+            route,
+            {"observation": body, "episode_id": self.episode_id, "reward": reward,
+             "return_state": True},
+        )  # fmt: skip
+        answered = target
+        if target.policy is not None and prediction.get("version") is not None:
+            answered = Target(target.policy, str(prediction["version"]))
+        if prediction.get("state_reset"):  # the server lost the state: zeros, as it fed
+            before = {"observation": body, "reward": reward}
+        elif prediction.get("episode_state") == "initial":
+            before = {"observation": body}
+        distribution = client.post(answered, "/distribution", before)
+        self.state = prediction.pop("state", None)
+        return {"target": target, "prediction": prediction, "distribution": distribution}
+
+    def end(self, client: PolicyClient) -> None:
+        client.end_episode(self.episode_id)
+        self.state = None
+
 
 def _describe(response: httpx.Response) -> str:
     try:

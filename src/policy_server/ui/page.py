@@ -9,6 +9,7 @@ works with any policy server, local or remote: one that lists its policies and v
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from policy_server.errors import PolicyLoadError
 from policy_server.loading.layout import SCHEMA_NAME
 from policy_server.policy.schema import load_schema
 from policy_server.ui.backends import Backend, start_backend, start_upload
-from policy_server.ui.client import PolicyClient, ServerError, Target
+from policy_server.ui.client import EpisodeStepper, PolicyClient, ServerError, Target
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = [ROOT / "examples", ROOT.parent / "shared" / "pathmind-models"]
@@ -195,8 +196,41 @@ def observation_form(info: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         else:
             width = info["observation_width"]
             body = {"obs": _list_input("obs", "float", width, width, "the raw observation vector")}
-        submitted = st.form_submit_button("Get prediction", type="primary")
+        label = "Get prediction"
+        if info.get("recurrent"):
+            st.number_input(
+                "Reward since the previous step",
+                value=0.0,
+                key="episode_reward",
+                help="Sent as the envelope's `reward`: logged for the previous decision and "
+                "fed to the policy as its previous reward.",
+            )
+            label = "Step the episode"
+        submitted = st.form_submit_button(label, type="primary")
     return body, submitted
+
+
+def episode_controls(client: PolicyClient, info: dict[str, Any]) -> EpisodeStepper | None:
+    """A recurrent policy's episode: the server holds its state between steps."""
+    if not info.get("recurrent"):
+        return None
+    stepper: EpisodeStepper | None = st.session_state.get("episode")
+    if stepper is None:
+        stepper = st.session_state["episode"] = EpisodeStepper(f"ui-{uuid.uuid4().hex[:12]}")
+    recurrent = info["recurrent"]
+    st.info(
+        f"A recurrent policy (state of {recurrent['state_size']} values): each step of "
+        f"episode `{stepper.episode_id}` continues from the state the server holds."
+    )
+    if st.button("End the episode and start a new one"):
+        try:
+            stepper.end(client)
+        except ServerError as error:
+            st.error(f"Could not end the episode: {error}")
+        st.session_state["episode"] = EpisodeStepper(f"ui-{uuid.uuid4().hex[:12]}")
+        st.session_state.pop("result", None)
+        st.rerun()
+    return stepper
 
 
 def _check_lengths(info: dict[str, Any], body: dict[str, Any]) -> str | None:
@@ -211,10 +245,18 @@ def _check_lengths(info: dict[str, Any], body: dict[str, Any]) -> str | None:
 
 
 def predict(
-    client: PolicyClient, target: Target, info: dict[str, Any], body: dict[str, Any]
+    client: PolicyClient,
+    target: Target,
+    info: dict[str, Any],
+    body: dict[str, Any],
+    episode: EpisodeStepper | None = None,
 ) -> dict[str, Any]:
     """The prediction and the distribution, both from the version that answered the
     prediction: under a traffic split two requests could reach two versions."""
+    if episode is not None:
+        route = "/predict" if info["observations"] else "/predict_raw"
+        reward = float(st.session_state.get("episode_reward", 0.0))
+        return episode.step(client, target, route, body, reward)
     prediction = client.post(target, "/predict" if info["observations"] else "/predict_raw", body)
     answered = target
     if target.policy is not None and prediction.get("version") is not None:
@@ -289,6 +331,13 @@ def show_result(result: dict[str, Any]) -> None:
         log_probability.metric("Log-probability", readable_number(prediction["log_probability"]))
     if prediction.get("value") is not None:
         value.metric("Value estimate", f"{prediction['value']:.3f}")
+    if prediction.get("episode_id") is not None:
+        origin = {"held": "the state the server held", "initial": "zeros (a new episode)"}
+        note = " The episode's earlier state was lost." if prediction.get("state_reset") else ""
+        st.caption(
+            f"Step {prediction['step']} of episode `{prediction['episode_id']}`, from "
+            f"{origin.get(prediction.get('episode_state', ''), 'the state given')}.{note}"
+        )
     distribution_charts(distribution)
 
 
@@ -319,6 +368,7 @@ def main() -> None:
         f"Policy **{info['name']}** version `{info['version']}` ({info['runtime']}), "
         f"action space {info['action_space']}"
     )
+    episode = episode_controls(client, info)
     body, submitted = observation_form(info)
     if submitted:
         st.session_state.pop("result", None)
@@ -326,7 +376,7 @@ def main() -> None:
             st.error(problem)
         else:
             try:
-                st.session_state["result"] = predict(client, target, info, body)
+                st.session_state["result"] = predict(client, target, info, body, episode)
             except ServerError as error:
                 st.error(f"The server refused the observation: {error}")
     result = st.session_state.get("result")

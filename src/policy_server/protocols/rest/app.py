@@ -115,8 +115,8 @@ def create_app(
         return "ok"
 
     add_policy_routes(app.router, registry, manager, keys)
+    add_experience_routes(app.router, registry, service, keys, log)
     if log is not None:
-        add_experience_routes(app.router, registry, service, keys, log)
         app.add_exception_handler(DecisionLogClosed, _log_unavailable)
     if builder.languages:
 

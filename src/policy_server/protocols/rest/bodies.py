@@ -81,7 +81,47 @@ def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
     return Annotated[union, Discriminator(kind)]
 
 
-def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseModel]:
+def _recurrent_fields(policy: LoadedPolicy) -> dict[str, Any]:
+    """The envelope's fields of a recurrent policy's step, besides `reward`."""
+    recurrence = policy.runtime.recurrence
+    if recurrence is None:
+        return {}
+    width = recurrence.action_width
+    return {
+        "prev_action": (
+            Annotated[list[raw_number()], Field(min_length=width, max_length=width)] | None,  # type: ignore[misc]
+            Field(
+                default=None,
+                description="The action taken at the episode's previous step, as `actions` "
+                "gives it; default: the action the server answered then (zeros at the first "
+                "step).",
+            ),
+        ),
+        "state": (
+            str | None,
+            Field(
+                default=None,
+                min_length=1,
+                max_length=_state_chars(recurrence.state_width + width),
+                description="A state string from an earlier answer (`return_state`): this "
+                "step continues from it instead of the state the server holds.",
+            ),
+        ),
+        "return_state": (
+            bool,
+            Field(
+                default=False,
+                strict=True,
+                description="Answer with `state`, an opaque string holding the state after "
+                "this step, for clients that keep the state themselves.",
+            ),
+        ),
+    }
+
+
+def _envelope(
+    name: str, observation: Any, sizes: tuple[int, ...], recurrent: dict[str, Any]
+) -> type[BaseModel]:
     mask = _mask_type(sizes)
     return create_model(
         name,
@@ -114,6 +154,17 @@ def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseM
                 "forbids that action (discrete action spaces only).",
             ),
         ),
+        reward=(
+            float | None,
+            Field(
+                default=None,
+                allow_inf_nan=False,
+                description="The reward that followed the episode's previous decision: "
+                "logged as that decision's reward and, for a recurrent policy, fed to the "
+                "model as the previous reward (0 at the first step).",
+            ),
+        ),
+        **recurrent,
     )
 
 
@@ -132,25 +183,28 @@ def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
     """The body types of `policy`, their components named `<prefix>Observation` etc."""
     width = policy.runtime.observation_width
     sizes = _mask_sizes(policy)
+    recurrent = _recurrent_fields(policy)
     if prefix:
         typed_model = observation_model(policy.schema, f"{prefix}Observation")
         raw_model = raw_observation_model(width, f"{prefix}RawObservation")
     else:  # the version's own models, which its vectorizer recognises
         typed_model, raw_model = policy.observation_model, policy.raw_model
     raw = _flat_or_envelope(
-        raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model, sizes)
+        raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model, sizes, recurrent)
     )
     vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
-    raw_item = _flat_or_envelope(vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model, sizes))
+    raw_item = _flat_or_envelope(
+        vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model, sizes, recurrent)
+    )
     raw_batch = _batch(f"{prefix}RawObservationBatch", raw_item, max_batch, width)
     if typed_model is None:
         return BodyTypes(None, raw, raw, None, raw_batch)
     typed = _flat_or_envelope(
-        typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model, sizes)
+        typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model, sizes, recurrent)
     )
     either_flat = _typed_or_raw(typed_model, raw_model)
     either = _flat_or_envelope(
-        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat, sizes)
+        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat, sizes, recurrent)
     )
     typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
     return BodyTypes(typed, raw, either, typed_batch, raw_batch)
@@ -183,12 +237,28 @@ NUMBER_BYTES = 48
 ENVELOPE_BYTES = 128 * 12 + 100
 
 
+def _state_chars(values: int) -> int:
+    """The length of a state string of `values` float32 values (see carried.py)."""
+    return 3 + -(-(16 + 4 * values) * 4 // 3)
+
+
 def item_bytes(policy: LoadedPolicy) -> int:
     """The most bytes one batch item can take as JSON without padding: every number at its
     longest, in an envelope with a full action mask."""
     names = sum(len(f.name) + 8 for f in policy.schema.observations)
     mask = 7 * sum(_mask_sizes(policy)) + 4 * len(_mask_sizes(policy))
-    return NUMBER_BYTES * policy.runtime.observation_width + names + ENVELOPE_BYTES + mask
+    recurrence = policy.runtime.recurrence
+    carried = 0
+    if recurrence is not None:  # a state string of the policy's size, and a previous action
+        width = recurrence.state_width + recurrence.action_width
+        carried = (16 + 4 * width) * 4 // 3 + 64 + NUMBER_BYTES * recurrence.action_width
+    return (
+        NUMBER_BYTES * (policy.runtime.observation_width + 1)
+        + names
+        + ENVELOPE_BYTES
+        + mask
+        + carried
+    )
 
 
 def batch_limit(policy: LoadedPolicy, max_observations: int, max_body_bytes: int) -> int:
@@ -296,7 +366,16 @@ def unwrap(items: Sequence[Any], raw_model: type[BaseModel] | None = None) -> Pa
         if isinstance(item, BaseModel) and "action_mask" in type(item).model_fields:
             enveloped = True
             observations.append(item.observation)  # type: ignore[attr-defined]
-            episodes.append(Episode(item.episode_id, item.step))  # type: ignore[attr-defined]
+            episodes.append(
+                Episode(
+                    item.episode_id,  # type: ignore[attr-defined]
+                    item.step,  # type: ignore[attr-defined]
+                    item.reward,  # type: ignore[attr-defined]
+                    getattr(item, "prev_action", None),
+                    getattr(item, "state", None),
+                    getattr(item, "return_state", False),
+                )
+            )
             masks.append(item.action_mask)  # type: ignore[attr-defined]
         else:
             observations.append(item)

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field, create_model
 
 from policy_server.policy.spaces import ActionSpace, Box
+from policy_server.runtime.base import Recurrence
 
 
 def action_type(space: ActionSpace) -> Any:
@@ -29,6 +30,38 @@ def _episode_fields() -> dict[str, Any]:
         "step": (
             int | None,
             Field(default=None, description="The decision's step within that episode."),
+        ),
+    }
+
+
+def _recurrent_answer_fields() -> dict[str, Any]:
+    return {
+        "episode_state": (
+            str | None,
+            Field(
+                default=None,
+                description="Recurrent policies: where this step's state came from: `held` "
+                "(the episode's, held by the server), `given` (the request's `state`) or "
+                "`initial` (zeros: the episode's first step, a reset, or no episode_id, in "
+                "which case nothing is kept).",
+            ),
+        ),
+        "state_reset": (
+            bool | None,
+            Field(
+                default=None,
+                description="Recurrent policies: true when the episode had earlier steps "
+                "whose state is gone (evicted, idle too long, ended, or held by another "
+                "version), so this step started from zeros.",
+            ),
+        ),
+        "state": (
+            str | None,
+            Field(
+                default=None,
+                description="With `return_state`: the state after this step, an opaque "
+                "signed string to send back as `state`.",
+            ),
         ),
     }
 
@@ -56,6 +89,7 @@ def prediction_model(space: ActionSpace, prefix: str = "") -> type[BaseModel]:
         ),
         **_answered_by(),
         **_episode_fields(),
+        **_recurrent_answer_fields(),
     )
 
 
@@ -98,6 +132,32 @@ class FieldInfo(BaseModel):
     max_items: int | None = None
 
 
+class RecurrentInfo(BaseModel):
+    """A recurrent policy's state, and what each step of an episode carries."""
+
+    state_sizes: list[int] = Field(description="The size of each state tensor.")
+    state_size: int = Field(description="The state's values in all (what the server holds).")
+    reads_prev_action: bool
+    reads_prev_reward: bool
+    each_step: str = Field(description="What each step's request carries.")
+
+    @classmethod
+    def of(cls, recurrence: Recurrence | None) -> RecurrentInfo | None:
+        if recurrence is None:
+            return None
+        return cls(
+            state_sizes=list(recurrence.state_sizes),
+            state_size=recurrence.state_width,
+            reads_prev_action=recurrence.reads_prev_action,
+            reads_prev_reward=recurrence.reads_prev_reward,
+            each_step="an envelope {observation, episode_id} per step (the server holds the "
+            "state, zeros at the first step), with `reward`: the reward that followed the "
+            "previous step; optional `prev_action` (default: the action answered), `state` "
+            "and `return_state` for clients that keep the state; POST "
+            "/episodes/{episode_id}/end frees it",
+        )
+
+
 class PolicyInfo(BaseModel):
     """What a client needs to build an observation and read the answer."""
 
@@ -110,6 +170,9 @@ class PolicyInfo(BaseModel):
     discrete: bool
     tuple: bool
     url_path: str
+    recurrent: RecurrentInfo | None = Field(
+        default=None, description="Set for a recurrent policy (its state is held per episode)."
+    )
 
 
 class VersionInfo(BaseModel):
@@ -118,6 +181,7 @@ class VersionInfo(BaseModel):
     reason: str | None = Field(description="Why the version failed to load, if it did.")
     action_space: dict[str, Any] | None
     runtime: str | None
+    recurrent: RecurrentInfo | None = None
     traffic: float = Field(description="Percent of the policy's unpinned requests it answers.")
     shadow: bool = Field(description="Whether it scores the policy's requests as a shadow.")
     loaded_at: float = Field(description="When it was found or loaded (Unix seconds).")

@@ -46,6 +46,7 @@ from policy_server.protocols.rest.errors import (
 from policy_server.protocols.rest.models import (
     FieldInfo,
     PolicyInfo,
+    RecurrentInfo,
     distribution_model,
     prediction_batch_model,
     prediction_model,
@@ -476,7 +477,9 @@ class PredictionHandler(_Handler):
             parsed = _parse(version.loaded, self.operation, body, limit)
         rows = rows_of(version.loaded, parsed.observations, parsed.raw_model)
         try:
-            result = await self.context.service.distribution(version, rows, parsed.masks)
+            result = await self.context.service.distribution(
+                version, rows, parsed.masks, parsed.episodes
+            )
         except InvalidRows as error:
             raise _named(error, False, [0]) from None
         answer = asdict(result)
@@ -596,4 +599,5 @@ def policy_info(policy: LoadedPolicy) -> PolicyInfo:
         discrete=parameters.discrete,
         tuple=parameters.tuple,
         url_path=parameters.url_path,
+        recurrent=RecurrentInfo.of(policy.runtime.recurrence),
     )

@@ -12,7 +12,12 @@ from starlette.responses import Response
 from policy_server.errors import PolicyLoadError, PolicyNotFound
 from policy_server.protocols.auth import KeyRing, header_scheme, key_first
 from policy_server.protocols.rest.errors import ERROR_RESPONSES, POLICY_RESPONSES
-from policy_server.protocols.rest.models import PolicyList, PolicyListing, VersionInfo
+from policy_server.protocols.rest.models import (
+    PolicyList,
+    PolicyListing,
+    RecurrentInfo,
+    VersionInfo,
+)
 from policy_server.protocols.rest.operations import json_response
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry
@@ -40,6 +45,7 @@ def listing(registry: PolicyRegistry, entry: PolicyEntry) -> PolicyListing:
                 reason=version.reason,
                 action_space=None if policy is None else policy.runtime.action_space.describe(),
                 runtime=None if policy is None else policy.runtime.name,
+                recurrent=None if policy is None else RecurrentInfo.of(policy.runtime.recurrence),
                 traffic=round(entry.weight_of(version), 6),
                 shadow=entry.shadow == version.version,
                 loaded_at=version.loaded_at,

@@ -48,7 +48,10 @@ class EpisodeEnd(BaseModel):
 
 class EpisodeAnswer(BaseModel):
     episode_id: str
-    status: str = Field(description="closed, or unknown_episode (no decision logged has it).")
+    status: str = Field(
+        description="closed, or unknown_episode (the decision log has no decision of it); "
+        "either way the server holds nothing of it any more (its step count, its state)."
+    )
 
 
 def add_experience_routes(
@@ -56,8 +59,11 @@ def add_experience_routes(
     registry: PolicyRegistry,
     service: PolicyService,
     keys: KeyRing,
-    log: DecisionLog,
+    log: DecisionLog | None,
 ) -> None:
+    """POST /episodes/{id}/end always (it frees the episode's state); /rewards with a
+    decision log only."""
+
     async def any_policy_key(request: Request) -> None:
         keys.check_any(request, registry.entries())
 
@@ -68,6 +74,34 @@ def add_experience_routes(
         (503, "The decision log cannot take more now (it failed or is closing)")
     )
 
+    if log is not None:
+        _add_rewards_route(keyed, log, responses, security)
+
+    @keyed.post(
+        "/episodes/{episode_id}/end",
+        operation_id="endEpisode",
+        tags=["experience"],
+        summary="Close an episode: its last decision is its last step, its state is freed",
+        response_model=EpisodeAnswer,
+        responses=responses,
+        dependencies=security,
+    )
+    async def end_episode(
+        episode_id: Annotated[str, Path(min_length=1, max_length=128)],
+        end: Annotated[EpisodeEnd | None, Body()] = None,
+    ) -> Any:
+        end = end or EpisodeEnd()
+        await service.end_episode(episode_id)
+        if log is None:
+            return {"episode_id": episode_id, "status": "closed"}
+        return await log.end_episode(episode_id, end.terminated, end.truncated)
+
+    router.include_router(keyed)
+
+
+def _add_rewards_route(
+    keyed: APIRouter, log: DecisionLog, responses: dict[Any, Any], security: list[Any]
+) -> None:
     @keyed.post(
         "/rewards",
         operation_id="addRewards",
@@ -83,22 +117,3 @@ def add_experience_routes(
         results = await log.add_rewards([item.model_dump() for item in rewards])
         joined = sum(r["status"] == "joined" for r in results)
         return RewardsAnswer(joined=joined, unknown=len(results) - joined, results=results)  # type: ignore[arg-type]
-
-    @keyed.post(
-        "/episodes/{episode_id}/end",
-        operation_id="endEpisode",
-        tags=["experience"],
-        summary="Close an episode: its last decision is its last step",
-        response_model=EpisodeAnswer,
-        responses=responses,
-        dependencies=security,
-    )
-    async def end_episode(
-        episode_id: Annotated[str, Path(min_length=1, max_length=128)],
-        end: Annotated[EpisodeEnd | None, Body()] = None,
-    ) -> Any:
-        end = end or EpisodeEnd()
-        service.end_episode(episode_id)
-        return await log.end_episode(episode_id, end.terminated, end.truncated)
-
-    router.include_router(keyed)
