@@ -45,6 +45,9 @@ class Decision(TypedDict):
     value: float | None
     shadow: Shadow | None
     worker: str
+    # The probability the traffic split gave this version when it answered; null when the
+    # request pinned the version. A rollout weighs each unit by it.
+    allocation: float | None
 
 
 class Reward(TypedDict):
@@ -78,6 +81,7 @@ def decision_records(
     sampled: bool,
     distribution: Distribution,
     masks: npt.NDArray[np.bool_] | None,
+    allocation: float | None = None,
 ) -> list[Decision]:
     """The decision records of one answered batch, converted from arrays once per batch.
 
@@ -117,6 +121,7 @@ def decision_records(
             "value": value,
             "shadow": None,
             "worker": worker,
+            "allocation": allocation,
         }
         for (
             decision_id,

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from policy_server.errors import PolicyLoadError
 from policy_server.loading.archive import file_digest
 from policy_server.loading.layout import MODEL_FILES, SCHEMA_NAME
+from policy_server.loading.rollout_spec import RolloutSpec
 
 CONFIG_NAME = "repository.yaml"
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -46,7 +47,13 @@ class PolicyConfig(BaseModel):
     settings: dict[str, Any] = Field(
         default_factory=dict,
         description="Per-policy settings: runtime, max_batch_size, max_batch_wait_ms, "
-        "max_batch_observations.",
+        "max_batch_observations, rollout_reward_low/high, rollout_reward_cutoff_s, "
+        "rollout_offline_ess.",
+    )
+    rollout: RolloutSpec | None = Field(
+        default=None,
+        description="A rollout of a candidate version, started when the server finds it "
+        "(once: not again after a restart, nor after it finished).",
     )
 
 

@@ -154,9 +154,12 @@ class DecisionLogger:
     """Writes one record per answered decision to the decision log, and the shadow's answers
     beside them. Awaits the log: its back-pressure (and sync mode) hold the answer back."""
 
-    def __init__(self, log: DecisionLog, worker: str = "0") -> None:
+    def __init__(
+        self, log: DecisionLog, worker: str = "0", registry: PolicyRegistry | None = None
+    ) -> None:
         self.log = log
         self.worker = worker
+        self.registry = registry
 
     async def observe(self, event: PredictionEvent) -> None:
         version = event.version
@@ -175,8 +178,18 @@ class DecisionLogger:
             sampled=event.sampled,
             distribution=policy.distribution.distribution(event.logits),
             masks=event.masks,
+            allocation=self._allocation(event),
         )
         await self.log.append(records)
+
+    def _allocation(self, event: PredictionEvent) -> float | None:
+        """The probability the traffic split gave the answering version (an episode's too:
+        weighted rendezvous hashing picks a version with probability proportional to its
+        weight); None when a version route pinned it."""
+        if event.pinned or self.registry is None:
+            return None
+        version = event.version
+        return self.registry.entry(version.name).weight_of(version) / 100.0
 
     def shadow_answer(self, _: ShadowWork, answer: dict[str, Any]) -> None:
         """A shadow sink: runs in the shadow thread, so it may block on a full queue."""

@@ -86,6 +86,9 @@ class PredictionEvent:
     predictions: list[Prediction]
     sampled: bool
     masks: npt.NDArray[np.bool_] | None
+    # A version route pinned the version: the traffic split did not choose it.
+    pinned: bool = False
+    elapsed_s: float = 0.0
 
 
 class Observer(Protocol):
@@ -125,6 +128,9 @@ class PolicyService:
         self._rng = np.random.default_rng()
         self._steps = steps or LocalSteps()
         self._ids = DecisionIds()
+        # Told of each call the version could not answer (time-out, broken output): the
+        # version, whether it was pinned, and how long the call took.
+        self.failures: list[Callable[[PolicyVersion, bool, float], None]] = []
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
 
@@ -137,11 +143,19 @@ class PolicyService:
         masks: Sequence[list[list[Any]] | None] | None = None,
         deterministic: bool = False,
         seed: int | None = None,
+        pinned: bool = False,
     ) -> list[Prediction]:
-        """Decisions for observation rows of shape (batch, the model's input width)."""
+        """Decisions for observation rows of shape (batch, the model's input width);
+        `pinned` when the request named the version rather than the traffic split."""
+        started = time.perf_counter()
         policy = version.loaded
         mask = self._masks(version, masks, len(rows))
-        outputs, logits = await self._logits(version, rows, mask)
+        try:
+            outputs, logits = await self._logits(version, rows, mask)
+        except Exception:
+            for failure in self.failures:
+                failure(version, pinned, time.perf_counter() - started)
+            raise
         if deterministic:
             chosen = policy.distribution.mode(logits)
         else:
@@ -150,7 +164,16 @@ class PolicyService:
         predictions = self._predictions(version, chosen, outputs, episodes)
         if self.observers:
             event = PredictionEvent(
-                version, rows, logits, outputs, chosen, predictions, not deterministic, mask
+                version,
+                rows,
+                logits,
+                outputs,
+                chosen,
+                predictions,
+                not deterministic,
+                mask,
+                pinned,
+                time.perf_counter() - started,
             )
             for observer in self.observers:
                 await observer.observe(event)

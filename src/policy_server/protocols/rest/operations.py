@@ -449,6 +449,7 @@ class PredictionHandler(_Handler):
                 masks=masks,
                 deterministic=self.operation.mode == "mode",
                 seed=seed,
+                pinned=self.pinned,
             )
         except InvalidRows as error:
             raise _named(error, self.operation.batch, indices) from None

@@ -1,0 +1,205 @@
+"""Rollouts on real servers (issue #24): versions of a linear bandit policy whose values are
+known exactly (the true value is a finite sum over contexts and actions), rewards drawn by
+the client from Bernoulli(MEANS[context, action]), so each unit's value is in [0, 1]."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tests.conftest import serving
+from tests.experience.test_evaluation import CANDIDATE, CONTEXTS, LOGGING, MEANS, SCHEMA, true_value
+from tests.policies import linear_onnx_policy
+from tests.rollout_simulation import false_promotions, simulate
+
+KEY = "x"  # the bandit schema's key
+ADMIN = "rollout-admin"
+BATCH = 200
+WORSE = (-CANDIDATE[0], -CANDIDATE[1])
+NO_GUARDRAILS = {"error_rate_increase": None, "p99_latency_ratio": None}
+
+
+def repository(root: Path, traffic: str = '{"1": 100}', extra: str = "") -> Path:
+    """bandit/1 logs as LOGGING, bandit/2 is better (CANDIDATE), bandit/3 is worse."""
+    for version, (weights, bias) in {"1": LOGGING, "2": CANDIDATE, "3": WORSE}.items():
+        folder = root / "bandit" / version
+        folder.mkdir(parents=True)
+        linear_onnx_policy(folder / "model.onnx", weights, bias)
+        (folder / "schema.yaml").write_text(SCHEMA.format(n=len(bias)))
+    (root / "repository.yaml").write_text(f"policies:\n  bandit:\n    traffic: {traffic}\n{extra}")
+    return root
+
+
+def flags(log: Path, *more: str) -> tuple[str, ...]:
+    return ("--decision-log", str(log), "--admin-key", ADMIN, "--poll-interval-s", "0", *more)
+
+
+def admin(http: httpx.Client) -> dict[str, str]:
+    del http
+    return {"access-token": ADMIN}
+
+
+def start(http: httpx.Client, **spec: Any) -> httpx.Response:
+    return http.post("/admin/policies/bandit/rollout", json=spec, headers=admin(http))
+
+
+def rollout(http: httpx.Client) -> dict[str, Any]:
+    response = http.get("/policies/bandit/rollout")
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def play(http: httpx.Client, rng: np.random.Generator, rounds: int, tag: str) -> dict[str, int]:
+    """`rounds` one-step episodes (each item its own episode id, so each is routed on its
+    own), rewarded at once; returns the decisions per version."""
+    versions: dict[str, int] = {}
+    for batch in range(rounds // BATCH):
+        contexts = rng.integers(len(CONTEXTS), size=BATCH)
+        body = {
+            "observations": [
+                {"observation": {"obs": CONTEXTS[c].tolist()}, "episode_id": f"{tag}-{batch}-{i}"}
+                for i, c in enumerate(contexts)
+            ]
+        }
+        response = http.post("/policies/bandit/predict_raw_batch", json=body)
+        assert response.status_code == 200, response.text
+        rewards = []
+        for context, answer in zip(contexts, response.json()["predictions"], strict=True):
+            versions[answer["version"]] = versions.get(answer["version"], 0) + 1
+            reward = float(rng.random() < MEANS[context, answer["actions"][0]])
+            rewards.append({"decision_id": answer["decision_id"], "reward": reward})
+        assert http.post("/rewards", json=rewards).status_code == 200
+    return versions
+
+
+def eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def play_until(
+    http: httpx.Client, rng: np.random.Generator, done: Callable[[dict[str, Any]], bool], most: int
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Play batches until the rollout is `done` or `most` decisions were made."""
+    served: dict[str, int] = {}
+    for round_ in range(most // BATCH):
+        for version, count in play(http, rng, BATCH, f"r{round_}").items():
+            served[version] = served.get(version, 0) + count
+        time.sleep(0.3)  # a tick folds what the log wrote
+        document = rollout(http)
+        if done(document):
+            return document, served
+    return rollout(http), served
+
+
+def traffic(http: httpx.Client) -> dict[str, float]:
+    listing = http.get("/policies").json()["policies"][0]
+    return {v["version"]: v["traffic"] for v in listing["versions"]}
+
+
+SPEC: dict[str, Any] = {
+    "steps": [10, 30, 50],
+    "min_units_per_step": 100,
+    "offline_gate": False,
+    "max_units": 20000,
+    "guardrails": NO_GUARDRAILS,
+}
+
+
+def test_a_better_candidate_is_promoted_within_4000_units(cache_dir: Path, tmp_path: Path) -> None:
+    assert true_value(*CANDIDATE) - true_value(*LOGGING) > 0.19
+    root = repository(tmp_path / "repo")
+    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
+        with server.client() as http:
+            answer = start(http, candidate="2", **SPEC)
+            assert answer.status_code == 201, answer.text
+            assert answer.json()["state"] == "canary" and answer.json()["weight"] == 10
+            assert traffic(http) == {"1": 90.0, "2": 10.0, "3": 0.0}
+            document, _ = play_until(http, np.random.default_rng(1), _final, 4000)
+            assert document["state"] == "promoted", document
+            evidence = document["evidence"]
+            assert evidence["lower"] > 0 and evidence["estimate"] > 0
+            assert evidence["alpha_split"] == {
+                "offline": 0.0,
+                "value": 0.05,
+            }
+            steps = [h["to"] for h in document["history"]]
+            assert steps[0] == "canary" and steps[-1] == "promoted"
+            assert traffic(http) == {"1": 0.0, "2": 100.0, "3": 0.0}
+        assert '"event": "rollout_transition"' in server.output().replace('":"', '": "')
+
+
+def test_a_worse_candidate_is_rolled_back_with_its_share_bounded(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    root = repository(tmp_path / "repo")
+    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
+        with server.client() as http:
+            assert start(http, candidate="3", **SPEC).status_code == 201
+            document, served = play_until(http, np.random.default_rng(2), _final, 4000)
+            assert document["state"] == "rolled_back", document
+            assert document["evidence"]["upper"] < 0
+            # The candidate got at most its first step's share, plus the last batch's chance.
+            assert served.get("3", 0) <= 0.2 * sum(served.values()), served
+            assert traffic(http) == {"1": 100.0, "2": 0.0, "3": 0.0}
+
+
+def _final(document: dict[str, Any]) -> bool:
+    return document["state"] not in ("canary", "offline_gate")
+
+
+def test_bad_rollouts_are_refused_naming_the_field(cache_dir: Path, tmp_path: Path) -> None:
+    root = repository(tmp_path / "repo")
+    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
+        with server.client() as http:
+            for spec, field in (
+                ({"candidate": "9"}, "candidate"),
+                ({"candidate": "1"}, "candidate"),
+                ({"candidate": "2", "steps": [20, 10]}, "steps"),
+                ({"candidate": "2", "steps": [0, 10]}, "steps"),
+                ({"candidate": "2", "steps": [50, 100]}, "steps"),
+                ({"candidate": "2", "alpha": 0.5}, "alpha"),
+                ({"candidate": "2", "alpha": 0}, "alpha"),
+                ({"candidate": "2", "unit": "week"}, "unit"),
+            ):
+                answer = start(http, **spec)
+                assert answer.status_code == 422, (spec, answer.text)
+                assert field in [f["field"] for f in answer.json()["error"]["fields"]], answer.text
+            assert start(http, candidate="2", **SPEC).status_code == 201
+            second = start(http, candidate="3", **SPEC)
+            assert second.status_code == 409 and "already has a rollout" in second.text
+            assert (
+                http.post("/admin/policies/bandit/rollout", json={"candidate": "2"}).status_code
+                == 403
+            )
+            aborted = http.delete("/admin/policies/bandit/rollout", headers=admin(http))
+            assert aborted.json()["state"] == "aborted"
+            assert traffic(http) == {"1": 100.0, "2": 0.0, "3": 0.0}
+            assert start(http, candidate="3", **SPEC).status_code == 201
+
+
+def test_a_rollout_needs_the_decision_log(cache_dir: Path, tmp_path: Path) -> None:
+    root = repository(tmp_path / "repo")
+    with serving(root, cache_dir, tmp_path, KEY, "--admin-key", ADMIN) as server:
+        with server.client() as http:
+            answer = start(http, candidate="2")
+            assert answer.status_code == 409, answer.text
+            assert "--decision-log" in answer.json()["error"]["message"]
+
+
+def test_an_identical_candidate_is_never_promoted_in_seeded_simulations() -> None:
+    runs = 100
+    assert false_promotions(runs) <= 0.05 * runs
+
+
+def test_simulated_better_and_worse_candidates_are_decided() -> None:
+    assert simulate(0.69, 0.5, seed=0).state == "promoted"
+    assert simulate(0.26, 0.5, seed=0).state == "rolled_back"
