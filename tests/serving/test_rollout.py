@@ -203,3 +203,184 @@ def test_an_identical_candidate_is_never_promoted_in_seeded_simulations() -> Non
 def test_simulated_better_and_worse_candidates_are_decided() -> None:
     assert simulate(0.69, 0.5, seed=0).state == "promoted"
     assert simulate(0.26, 0.5, seed=0).state == "rolled_back"
+
+
+def test_the_offline_gate_rejects_a_worse_candidate_with_zero_exposure(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    root = repository(tmp_path / "repo")
+    more = ("--rollout-offline-ess", "150")
+    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *more)) as server:
+        with server.client() as http:
+            rng = np.random.default_rng(3)
+            spec = SPEC | {"offline_gate": True}
+            # Without the incumbent's rewarded decisions the gate waits, passing nothing.
+            assert start(http, candidate="3", **spec).json()["state"] == "offline_gate"
+            time.sleep(1)
+            assert rollout(http)["state"] == "offline_gate"
+            served = play(http, rng, 2000, "logged")
+            assert served == {"1": 2000}
+            eventually(lambda: rollout(http)["state"] == "rejected", timeout=30)
+            document = rollout(http)
+            offline = document["evidence"]["offline"]
+            assert offline["upper"] < 0 and offline["effective_sample_size"] >= 150
+            assert offline["estimator"] == "dr"
+            assert document["weight"] == 0 and document["evidence"]["units"]["3"] == 0
+            assert document["evidence"]["alpha_split"]["offline"] == pytest.approx(0.0125)
+            assert play(http, rng, 400, "after") == {"1": 400}
+            # A better candidate on the same log passes the gate into the canary.
+            assert start(http, candidate="2", **spec).status_code == 201
+            eventually(lambda: rollout(http)["state"] == "canary", timeout=30)
+            assert rollout(http)["evidence"]["offline"]["lower"] > 0
+
+
+def play_episodes(
+    http: httpx.Client, rng: np.random.Generator, episodes: int, tag: str, late: list[Any]
+) -> None:
+    """Episodes of three independent bandit rounds, played step by step; their rewards are
+    sent one batch later (`late` carries them over). Half end with `terminated`, the other
+    half just stop (closed by the cutoff)."""
+    steps = 3
+    ids = [f"{tag}-{i}" for i in range(episodes)]
+    rewards = []
+    for step in range(steps):
+        contexts = rng.integers(len(CONTEXTS), size=episodes)
+        body = {
+            "observations": [
+                {"observation": {"obs": CONTEXTS[c].tolist()}, "episode_id": e, "step": step}
+                for e, c in zip(ids, contexts, strict=True)
+            ]
+        }
+        answers = http.post("/policies/bandit/predict_raw_batch", json=body).json()["predictions"]
+        for index, (context, answer) in enumerate(zip(contexts, answers, strict=True)):
+            reward = {
+                "decision_id": answer["decision_id"],
+                "reward": float(rng.random() < MEANS[context, answer["actions"][0]]),
+            }
+            if step == steps - 1 and index % 2 == 0:
+                reward["terminated"] = True
+            rewards.append(reward)
+    if late:
+        assert http.post("/rewards", json=late.pop()).status_code == 200
+    late.append(rewards)
+
+
+def test_episodes_as_units_with_delayed_rewards_promote_a_better_candidate(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    root = repository(tmp_path / "repo")
+    more = ("--rollout-reward-high", "3", "--rollout-reward-cutoff-s", "2")
+    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *more)) as server:
+        with server.client() as http:
+            assert start(http, candidate="2", unit="episode", **SPEC).status_code == 201
+            rng, late = np.random.default_rng(4), []
+            for round_ in range(20):
+                play_episodes(http, rng, 200, f"r{round_}", late)
+                time.sleep(0.5)
+                if rollout(http)["state"] == "promoted":
+                    break
+            assert http.post("/rewards", json=late.pop()).status_code == 200
+            eventually(lambda: rollout(http)["state"] == "promoted", timeout=30)
+            evidence = rollout(http)["evidence"]
+            # Episodes are sticky: none moved between versions while the weights ramped
+            # except those the rendezvous hash moved, counted apart.
+            assert evidence["rewarded"]["2"] > 0 and evidence["reward_range"] == [0.0, 3.0]
+            assert evidence["missing"] == {"2": 0, "1": 0}
+
+
+def test_a_rollout_resumes_after_a_restart(cache_dir: Path, tmp_path: Path) -> None:
+    root = repository(tmp_path / "repo")
+    log = tmp_path / "log"
+    rng = np.random.default_rng(5)
+    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
+        with server.client() as http:
+            spec = SPEC | {"steps": [10, 20, 30], "min_units_per_step": 20}
+            assert start(http, candidate="2", **spec).status_code == 201
+            play(http, rng, 400, "before")
+            eventually(lambda: rollout(http)["step"] >= 1)
+            before = rollout(http)
+            assert before["state"] == "canary"
+    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
+        with server.client() as http:
+            after = rollout(http)
+            assert (after["state"], after["step"], after["weight"]) == (
+                before["state"],
+                before["step"],
+                before["weight"],
+            )
+            assert after["evidence"]["rewarded"] == before["evidence"]["rewarded"]
+            weight = after["weight"]
+            assert traffic(http) == {"1": 100 - weight, "2": weight, "3": 0.0}
+            document, _ = play_until(http, rng, _final, 4000)
+            assert document["state"] == "promoted"
+            assert len(document["history"]) >= len(before["history"]) + 1
+
+
+def test_under_workers_every_worker_shows_the_same_rollout(cache_dir: Path, tmp_path: Path) -> None:
+    root = repository(tmp_path / "repo")
+    more = flags(tmp_path / "log", "--workers", "2")
+    with serving(root, cache_dir, tmp_path, KEY, *more) as server:
+        with server.client() as http:
+            assert start(http, candidate="2", **SPEC).status_code == 201
+            # The admin change reaches the other worker within a second (its follower).
+            eventually(lambda: _workers_show(server) == {"1": 90.0, "2": 10.0, "3": 0.0}, 3)
+            document, _ = play_until(http, np.random.default_rng(6), _final, 4000)
+            assert document["state"] == "promoted"
+            eventually(lambda: _workers_show(server) == {"1": 0.0, "2": 100.0, "3": 0.0}, 3)
+            states = {_fresh(server, "/policies/bandit/rollout")[1]["state"] for _ in range(10)}
+            assert states == {"promoted"}
+
+
+def _fresh(server: RunningServer, path: str) -> tuple[str, Any]:
+    """On a new connection each time, so that any worker may answer."""
+    response = httpx.get(server.url + path, headers=server.headers, timeout=30)
+    return response.headers["policy-server-worker"], response.json()
+
+
+def _workers_show(server: RunningServer) -> dict[str, float] | None:
+    """The traffic both workers show, when they agree."""
+    shown: dict[str, dict[str, float]] = {}
+    for _ in range(200):
+        worker, listing = _fresh(server, "/policies")
+        versions = listing["policies"][0]["versions"]
+        shown[worker] = {v["version"]: v["traffic"] for v in versions}
+        if len(shown) == 2:
+            break
+        time.sleep(0.02)
+    values = list(shown.values())
+    return values[0] if len(shown) == 2 and values[0] == values[1] else None
+
+
+def test_a_reload_that_removes_the_candidate_aborts_the_rollout(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = repository(tmp_path / "repo")
+    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
+        with server.client() as http:
+            assert start(http, candidate="2", **SPEC).status_code == 201
+            shutil.rmtree(root / "bandit" / "2")
+            assert http.post("/admin/reload", headers=admin(http)).status_code == 200
+            eventually(lambda: rollout(http)["state"] == "aborted")
+            assert "removed by a reload" in rollout(http)["history"][-1]["reason"]
+            assert traffic(http) == {"1": 100.0, "3": 0.0}
+
+
+def test_a_rollout_entry_in_repository_yaml_starts_it_once(cache_dir: Path, tmp_path: Path) -> None:
+    entry = (
+        "    rollout: {candidate: 2, steps: [10, 30], min_units_per_step: 100, "
+        "offline_gate: false, guardrails: {error_rate_increase: null, p99_latency_ratio: null}}\n"
+    )
+    root = repository(tmp_path / "repo", extra=entry)
+    log = tmp_path / "log"
+    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
+        with server.client() as http:
+            first = rollout(http)
+            assert (first["state"], first["candidate"], first["incumbent"]) == ("canary", "2", "1")
+            aborted = http.delete("/admin/policies/bandit/rollout", headers=admin(http))
+            assert aborted.json()["state"] == "aborted"
+    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
+        with server.client() as http:
+            again = rollout(http)
+            assert (again["id"], again["state"]) == (first["id"], "aborted")

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class RolloutController:
         self._task: asyncio.Task[None] | None = None
         self._gate: asyncio.Task[None] | None = None
         self._applied: dict[str, dict[str, Any]] = {}
+        self._spawned: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
         if log is not None:
             log.committed.append(self._on_commit)
@@ -106,6 +107,7 @@ class RolloutController:
         await asyncio.to_thread(self._refresh)
         for policy, record in (await asyncio.to_thread(self.ledger.records)).items():
             self._follow(policy, record)
+        await self._start_configured()
         self._task = asyncio.create_task(self._run(), name="rollout-controller")
         self._gate = asyncio.create_task(self._run_gate(), name="rollout-offline-gate")
 
@@ -313,8 +315,12 @@ class RolloutController:
                 self._inbox.append((kind, record))
 
     def _on_reload(self) -> None:
-        """A reload that removed the candidate or the incumbent aborts the rollout."""
-        if self.ledger is None or not self._watching:
+        """A reload that removed the candidate or the incumbent aborts the rollout; one
+        that found a new `rollout:` entry starts it."""
+        if self.ledger is None or self._task is None:
+            return
+        self._spawn(self._start_configured())
+        if not self._watching:
             return
         for policy, record in list(self._applied.items()):
             if record["state"] not in ACTIVE:
@@ -326,8 +332,33 @@ class RolloutController:
             for role in ("candidate", "incumbent"):
                 if record[role] not in versions:
                     reason = f"the {role} version {record[role]!r} was removed by a reload"
-                    asyncio.get_running_loop().create_task(self._abort_quietly(policy, reason))
+                    self._spawn(self._abort_quietly(policy, reason))
                     break
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    async def _start_configured(self) -> None:
+        """The `rollout:` entries of repository.yaml: each starts once, when the policy has
+        no rollout of that spec yet (so neither a restart nor a finished rollout starts it
+        again)."""
+        assert self.ledger is not None
+        records = await asyncio.to_thread(self.ledger.records)
+        for policy, config in self.manager.config.policies.items():
+            spec = config.rollout
+            known = records.get(policy)
+            if spec is None or (known is not None and known["spec"] == spec.model_dump()):
+                continue
+            try:
+                await self.begin(policy, spec)
+            except RolloutConflict as error:
+                current = await asyncio.to_thread(self.ledger.get, policy)
+                if current is None or current[0]["spec"] != spec.model_dump():
+                    logger.error("repository.yaml: policies.%s.rollout: %s", policy, error.message)
+            except PolicyServerError as error:
+                logger.error("repository.yaml: policies.%s.rollout: %s", policy, error.message)
 
     async def _abort_quietly(self, policy: str, reason: str) -> None:
         try:
