@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
-from tests.conftest import serving
+from tests.conftest import RunningServer, serving
 from tests.experience.test_evaluation import CANDIDATE, CONTEXTS, LOGGING, MEANS, SCHEMA, true_value
 from tests.policies import linear_onnx_policy
 from tests.rollout_simulation import false_promotions, simulate
@@ -39,13 +40,11 @@ def flags(log: Path, *more: str) -> tuple[str, ...]:
     return ("--decision-log", str(log), "--admin-key", ADMIN, "--poll-interval-s", "0", *more)
 
 
-def admin(http: httpx.Client) -> dict[str, str]:
-    del http
-    return {"access-token": ADMIN}
+ADMIN_HEADERS = {"access-token": ADMIN}
 
 
 def start(http: httpx.Client, **spec: Any) -> httpx.Response:
-    return http.post("/admin/policies/bandit/rollout", json=spec, headers=admin(http))
+    return http.post("/admin/policies/bandit/rollout", json=spec, headers=ADMIN_HEADERS)
 
 
 def rollout(http: httpx.Client) -> dict[str, Any]:
@@ -117,23 +116,25 @@ SPEC: dict[str, Any] = {
 def test_a_better_candidate_is_promoted_within_4000_units(cache_dir: Path, tmp_path: Path) -> None:
     assert true_value(*CANDIDATE) - true_value(*LOGGING) > 0.19
     root = repository(tmp_path / "repo")
-    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
-        with server.client() as http:
-            answer = start(http, candidate="2", **SPEC)
-            assert answer.status_code == 201, answer.text
-            assert answer.json()["state"] == "canary" and answer.json()["weight"] == 10
-            assert traffic(http) == {"1": 90.0, "2": 10.0, "3": 0.0}
-            document, _ = play_until(http, np.random.default_rng(1), _final, 4000)
-            assert document["state"] == "promoted", document
-            evidence = document["evidence"]
-            assert evidence["lower"] > 0 and evidence["estimate"] > 0
-            assert evidence["alpha_split"] == {
-                "offline": 0.0,
-                "value": 0.05,
-            }
-            steps = [h["to"] for h in document["history"]]
-            assert steps[0] == "canary" and steps[-1] == "promoted"
-            assert traffic(http) == {"1": 0.0, "2": 100.0, "3": 0.0}
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server,
+        server.client() as http,
+    ):
+        answer = start(http, candidate="2", **SPEC)
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["state"] == "canary" and answer.json()["weight"] == 10
+        assert traffic(http) == {"1": 90.0, "2": 10.0, "3": 0.0}
+        document, _ = play_until(http, np.random.default_rng(1), _final, 4000)
+        assert document["state"] == "promoted", document
+        evidence = document["evidence"]
+        assert evidence["lower"] > 0 and evidence["estimate"] > 0
+        assert evidence["alpha_split"] == {
+            "offline": 0.0,
+            "value": 0.05,
+        }
+        steps = [h["to"] for h in document["history"]]
+        assert steps[0] == "canary" and steps[-1] == "promoted"
+        assert traffic(http) == {"1": 0.0, "2": 100.0, "3": 0.0}
         assert '"event": "rollout_transition"' in server.output().replace('":"', '": "')
 
 
@@ -141,15 +142,17 @@ def test_a_worse_candidate_is_rolled_back_with_its_share_bounded(
     cache_dir: Path, tmp_path: Path
 ) -> None:
     root = repository(tmp_path / "repo")
-    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
-        with server.client() as http:
-            assert start(http, candidate="3", **SPEC).status_code == 201
-            document, served = play_until(http, np.random.default_rng(2), _final, 4000)
-            assert document["state"] == "rolled_back", document
-            assert document["evidence"]["upper"] < 0
-            # The candidate got at most its first step's share, plus the last batch's chance.
-            assert served.get("3", 0) <= 0.2 * sum(served.values()), served
-            assert traffic(http) == {"1": 100.0, "2": 0.0, "3": 0.0}
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server,
+        server.client() as http,
+    ):
+        assert start(http, candidate="3", **SPEC).status_code == 201
+        document, served = play_until(http, np.random.default_rng(2), _final, 4000)
+        assert document["state"] == "rolled_back", document
+        assert document["evidence"]["upper"] < 0
+        # The candidate got at most its first step's share, plus the last batch's chance.
+        assert served.get("3", 0) <= 0.2 * sum(served.values()), served
+        assert traffic(http) == {"1": 100.0, "2": 0.0, "3": 0.0}
 
 
 def _final(document: dict[str, Any]) -> bool:
@@ -158,41 +161,44 @@ def _final(document: dict[str, Any]) -> bool:
 
 def test_bad_rollouts_are_refused_naming_the_field(cache_dir: Path, tmp_path: Path) -> None:
     root = repository(tmp_path / "repo")
-    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
-        with server.client() as http:
-            for spec, field in (
-                ({"candidate": "9"}, "candidate"),
-                ({"candidate": "1"}, "candidate"),
-                ({"candidate": "2", "steps": [20, 10]}, "steps"),
-                ({"candidate": "2", "steps": [0, 10]}, "steps"),
-                ({"candidate": "2", "steps": [50, 100]}, "steps"),
-                ({"candidate": "2", "alpha": 0.5}, "alpha"),
-                ({"candidate": "2", "alpha": 0}, "alpha"),
-                ({"candidate": "2", "unit": "week"}, "unit"),
-            ):
-                answer = start(http, **spec)
-                assert answer.status_code == 422, (spec, answer.text)
-                assert field in [f["field"] for f in answer.json()["error"]["fields"]], answer.text
-            assert start(http, candidate="2", **SPEC).status_code == 201
-            second = start(http, candidate="3", **SPEC)
-            assert second.status_code == 409 and "already has a rollout" in second.text
-            assert (
-                http.post("/admin/policies/bandit/rollout", json={"candidate": "2"}).status_code
-                == 403
-            )
-            aborted = http.delete("/admin/policies/bandit/rollout", headers=admin(http))
-            assert aborted.json()["state"] == "aborted"
-            assert traffic(http) == {"1": 100.0, "2": 0.0, "3": 0.0}
-            assert start(http, candidate="3", **SPEC).status_code == 201
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server,
+        server.client() as http,
+    ):
+        for spec, field in (
+            ({"candidate": "9"}, "candidate"),
+            ({"candidate": "1"}, "candidate"),
+            ({"candidate": "2", "steps": [20, 10]}, "steps"),
+            ({"candidate": "2", "steps": [0, 10]}, "steps"),
+            ({"candidate": "2", "steps": [50, 100]}, "steps"),
+            ({"candidate": "2", "alpha": 0.5}, "alpha"),
+            ({"candidate": "2", "alpha": 0}, "alpha"),
+            ({"candidate": "2", "unit": "week"}, "unit"),
+        ):
+            answer = start(http, **spec)
+            assert answer.status_code == 422, (spec, answer.text)
+            assert field in [f["field"] for f in answer.json()["error"]["fields"]], answer.text
+        assert start(http, candidate="2", **SPEC).status_code == 201
+        second = start(http, candidate="3", **SPEC)
+        assert second.status_code == 409 and "already has a rollout" in second.text
+        assert (
+            http.post("/admin/policies/bandit/rollout", json={"candidate": "2"}).status_code == 403
+        )
+        aborted = http.delete("/admin/policies/bandit/rollout", headers=ADMIN_HEADERS)
+        assert aborted.json()["state"] == "aborted"
+        assert traffic(http) == {"1": 100.0, "2": 0.0, "3": 0.0}
+        assert start(http, candidate="3", **SPEC).status_code == 201
 
 
 def test_a_rollout_needs_the_decision_log(cache_dir: Path, tmp_path: Path) -> None:
     root = repository(tmp_path / "repo")
-    with serving(root, cache_dir, tmp_path, KEY, "--admin-key", ADMIN) as server:
-        with server.client() as http:
-            answer = start(http, candidate="2")
-            assert answer.status_code == 409, answer.text
-            assert "--decision-log" in answer.json()["error"]["message"]
+    with (
+        serving(root, cache_dir, tmp_path, KEY, "--admin-key", ADMIN) as server,
+        server.client() as http,
+    ):
+        answer = start(http, candidate="2")
+        assert answer.status_code == 409, answer.text
+        assert "--decision-log" in answer.json()["error"]["message"]
 
 
 def test_an_identical_candidate_is_never_promoted_in_seeded_simulations() -> None:
@@ -210,28 +216,30 @@ def test_the_offline_gate_rejects_a_worse_candidate_with_zero_exposure(
 ) -> None:
     root = repository(tmp_path / "repo")
     more = ("--rollout-offline-ess", "150")
-    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *more)) as server:
-        with server.client() as http:
-            rng = np.random.default_rng(3)
-            spec = SPEC | {"offline_gate": True}
-            # Without the incumbent's rewarded decisions the gate waits, passing nothing.
-            assert start(http, candidate="3", **spec).json()["state"] == "offline_gate"
-            time.sleep(1)
-            assert rollout(http)["state"] == "offline_gate"
-            served = play(http, rng, 2000, "logged")
-            assert served == {"1": 2000}
-            eventually(lambda: rollout(http)["state"] == "rejected", timeout=30)
-            document = rollout(http)
-            offline = document["evidence"]["offline"]
-            assert offline["upper"] < 0 and offline["effective_sample_size"] >= 150
-            assert offline["estimator"] == "dr"
-            assert document["weight"] == 0 and document["evidence"]["units"]["3"] == 0
-            assert document["evidence"]["alpha_split"]["offline"] == pytest.approx(0.0125)
-            assert play(http, rng, 400, "after") == {"1": 400}
-            # A better candidate on the same log passes the gate into the canary.
-            assert start(http, candidate="2", **spec).status_code == 201
-            eventually(lambda: rollout(http)["state"] == "canary", timeout=30)
-            assert rollout(http)["evidence"]["offline"]["lower"] > 0
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *more)) as server,
+        server.client() as http,
+    ):
+        rng = np.random.default_rng(3)
+        spec = SPEC | {"offline_gate": True}
+        # Without the incumbent's rewarded decisions the gate waits, passing nothing.
+        assert start(http, candidate="3", **spec).json()["state"] == "offline_gate"
+        time.sleep(1)
+        assert rollout(http)["state"] == "offline_gate"
+        served = play(http, rng, 2000, "logged")
+        assert served == {"1": 2000}
+        eventually(lambda: rollout(http)["state"] == "rejected", timeout=30)
+        document = rollout(http)
+        offline = document["evidence"]["offline"]
+        assert offline["upper"] < 0 and offline["effective_sample_size"] >= 150
+        assert offline["estimator"] == "dr"
+        assert document["weight"] == 0 and document["evidence"]["units"]["3"] == 0
+        assert document["evidence"]["alpha_split"]["offline"] == pytest.approx(0.0125)
+        assert play(http, rng, 400, "after") == {"1": 400}
+        # A better candidate on the same log passes the gate into the canary.
+        assert start(http, candidate="2", **spec).status_code == 201
+        eventually(lambda: rollout(http)["state"] == "canary", timeout=30)
+        assert rollout(http)["evidence"]["offline"]["lower"] > 0
 
 
 def play_episodes(
@@ -270,65 +278,73 @@ def test_episodes_as_units_with_delayed_rewards_promote_a_better_candidate(
 ) -> None:
     root = repository(tmp_path / "repo")
     more = ("--rollout-reward-high", "3", "--rollout-reward-cutoff-s", "2")
-    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *more)) as server:
-        with server.client() as http:
-            assert start(http, candidate="2", unit="episode", **SPEC).status_code == 201
-            rng, late = np.random.default_rng(4), []
-            for round_ in range(20):
-                play_episodes(http, rng, 200, f"r{round_}", late)
-                time.sleep(0.5)
-                if rollout(http)["state"] == "promoted":
-                    break
-            assert http.post("/rewards", json=late.pop()).status_code == 200
-            eventually(lambda: rollout(http)["state"] == "promoted", timeout=30)
-            evidence = rollout(http)["evidence"]
-            # Episodes are sticky: none moved between versions while the weights ramped
-            # except those the rendezvous hash moved, counted apart.
-            assert evidence["rewarded"]["2"] > 0 and evidence["reward_range"] == [0.0, 3.0]
-            assert evidence["missing"] == {"2": 0, "1": 0}
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *more)) as server,
+        server.client() as http,
+    ):
+        assert start(http, candidate="2", unit="episode", **SPEC).status_code == 201
+        rng, late = np.random.default_rng(4), []
+        for round_ in range(20):
+            play_episodes(http, rng, 200, f"r{round_}", late)
+            time.sleep(0.5)
+            if rollout(http)["state"] == "promoted":
+                break
+        assert http.post("/rewards", json=late.pop()).status_code == 200
+        eventually(lambda: rollout(http)["state"] == "promoted", timeout=30)
+        evidence = rollout(http)["evidence"]
+        # Episodes are sticky: none moved between versions while the weights ramped
+        # except those the rendezvous hash moved, counted apart.
+        assert evidence["rewarded"]["2"] > 0 and evidence["reward_range"] == [0.0, 3.0]
+        assert evidence["missing"] == {"2": 0, "1": 0}
 
 
 def test_a_rollout_resumes_after_a_restart(cache_dir: Path, tmp_path: Path) -> None:
     root = repository(tmp_path / "repo")
     log = tmp_path / "log"
     rng = np.random.default_rng(5)
-    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
-        with server.client() as http:
-            spec = SPEC | {"steps": [10, 20, 30], "min_units_per_step": 20}
-            assert start(http, candidate="2", **spec).status_code == 201
-            play(http, rng, 400, "before")
-            eventually(lambda: rollout(http)["step"] >= 1)
-            before = rollout(http)
-            assert before["state"] == "canary"
-    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
-        with server.client() as http:
-            after = rollout(http)
-            assert (after["state"], after["step"], after["weight"]) == (
-                before["state"],
-                before["step"],
-                before["weight"],
-            )
-            assert after["evidence"]["rewarded"] == before["evidence"]["rewarded"]
-            weight = after["weight"]
-            assert traffic(http) == {"1": 100 - weight, "2": weight, "3": 0.0}
-            document, _ = play_until(http, rng, _final, 4000)
-            assert document["state"] == "promoted"
-            assert len(document["history"]) >= len(before["history"]) + 1
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server,
+        server.client() as http,
+    ):
+        spec = SPEC | {"steps": [10, 20, 30], "min_units_per_step": 20}
+        assert start(http, candidate="2", **spec).status_code == 201
+        play(http, rng, 400, "before")
+        eventually(lambda: rollout(http)["step"] >= 1)
+        before = rollout(http)
+        assert before["state"] == "canary"
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server,
+        server.client() as http,
+    ):
+        after = rollout(http)
+        assert (after["state"], after["step"], after["weight"]) == (
+            before["state"],
+            before["step"],
+            before["weight"],
+        )
+        assert after["evidence"]["rewarded"] == before["evidence"]["rewarded"]
+        weight = after["weight"]
+        assert traffic(http) == {"1": 100 - weight, "2": weight, "3": 0.0}
+        document, _ = play_until(http, rng, _final, 4000)
+        assert document["state"] == "promoted"
+        assert len(document["history"]) >= len(before["history"]) + 1
 
 
 def test_under_workers_every_worker_shows_the_same_rollout(cache_dir: Path, tmp_path: Path) -> None:
     root = repository(tmp_path / "repo")
     more = flags(tmp_path / "log", "--workers", "2")
-    with serving(root, cache_dir, tmp_path, KEY, *more) as server:
-        with server.client() as http:
-            assert start(http, candidate="2", **SPEC).status_code == 201
-            # The admin change reaches the other worker within a second (its follower).
-            eventually(lambda: _workers_show(server) == {"1": 90.0, "2": 10.0, "3": 0.0}, 3)
-            document, _ = play_until(http, np.random.default_rng(6), _final, 4000)
-            assert document["state"] == "promoted"
-            eventually(lambda: _workers_show(server) == {"1": 0.0, "2": 100.0, "3": 0.0}, 3)
-            states = {_fresh(server, "/policies/bandit/rollout")[1]["state"] for _ in range(10)}
-            assert states == {"promoted"}
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *more) as server,
+        server.client() as http,
+    ):
+        assert start(http, candidate="2", **SPEC).status_code == 201
+        # The admin change reaches the other worker within a second (its follower).
+        eventually(lambda: _workers_show(server) == {"1": 90.0, "2": 10.0, "3": 0.0}, 3)
+        document, _ = play_until(http, np.random.default_rng(6), _final, 4000)
+        assert document["state"] == "promoted"
+        eventually(lambda: _workers_show(server) == {"1": 0.0, "2": 100.0, "3": 0.0}, 3)
+        states = {_fresh(server, "/policies/bandit/rollout")[1]["state"] for _ in range(10)}
+        assert states == {"promoted"}
 
 
 def _fresh(server: RunningServer, path: str) -> tuple[str, Any]:
@@ -357,14 +373,16 @@ def test_a_reload_that_removes_the_candidate_aborts_the_rollout(
     import shutil
 
     root = repository(tmp_path / "repo")
-    with serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server:
-        with server.client() as http:
-            assert start(http, candidate="2", **SPEC).status_code == 201
-            shutil.rmtree(root / "bandit" / "2")
-            assert http.post("/admin/reload", headers=admin(http)).status_code == 200
-            eventually(lambda: rollout(http)["state"] == "aborted")
-            assert "removed by a reload" in rollout(http)["history"][-1]["reason"]
-            assert traffic(http) == {"1": 100.0, "3": 0.0}
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server,
+        server.client() as http,
+    ):
+        assert start(http, candidate="2", **SPEC).status_code == 201
+        shutil.rmtree(root / "bandit" / "2")
+        assert http.post("/admin/reload", headers=ADMIN_HEADERS).status_code == 200
+        eventually(lambda: rollout(http)["state"] == "aborted")
+        assert "removed by a reload" in rollout(http)["history"][-1]["reason"]
+        assert traffic(http) == {"1": 100.0, "3": 0.0}
 
 
 def test_a_rollout_entry_in_repository_yaml_starts_it_once(cache_dir: Path, tmp_path: Path) -> None:
@@ -374,13 +392,17 @@ def test_a_rollout_entry_in_repository_yaml_starts_it_once(cache_dir: Path, tmp_
     )
     root = repository(tmp_path / "repo", extra=entry)
     log = tmp_path / "log"
-    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
-        with server.client() as http:
-            first = rollout(http)
-            assert (first["state"], first["candidate"], first["incumbent"]) == ("canary", "2", "1")
-            aborted = http.delete("/admin/policies/bandit/rollout", headers=admin(http))
-            assert aborted.json()["state"] == "aborted"
-    with serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server:
-        with server.client() as http:
-            again = rollout(http)
-            assert (again["id"], again["state"]) == (first["id"], "aborted")
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server,
+        server.client() as http,
+    ):
+        first = rollout(http)
+        assert (first["state"], first["candidate"], first["incumbent"]) == ("canary", "2", "1")
+        aborted = http.delete("/admin/policies/bandit/rollout", headers=ADMIN_HEADERS)
+        assert aborted.json()["state"] == "aborted"
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(log)) as server,
+        server.client() as http,
+    ):
+        again = rollout(http)
+        assert (again["id"], again["state"]) == (first["id"], "aborted")
