@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import RunningServer, serving
 from tests.experience.test_evaluation import CANDIDATE, CONTEXTS, LOGGING, MEANS, SCHEMA, true_value
-from tests.policies import linear_onnx_policy
+from tests.policies import linear_onnx_policy, slow_onnx_policy
 from tests.rollout_simulation import false_promotions, simulate
 
 KEY = "x"  # the bandit schema's key
@@ -406,3 +406,43 @@ def test_a_rollout_entry_in_repository_yaml_starts_it_once(cache_dir: Path, tmp_
     ):
         again = rollout(http)
         assert (again["id"], again["state"]) == (first["id"], "aborted")
+
+
+def test_a_slow_candidate_is_rolled_back_by_its_latency_guardrail(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    root = repository(tmp_path / "repo")
+    slow = root / "bandit" / "4"
+    slow.mkdir()
+    slow_onnx_policy(slow / "model.onnx", width=3, actions=3)
+    (slow / "schema.yaml").write_text(SCHEMA.format(n=3))
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server,
+        server.client() as http,
+    ):
+        spec = SPEC | {"guardrails": {"p99_latency_ratio": 1.5, "error_rate_increase": 0.01}}
+        assert start(http, candidate="4", **spec).status_code == 201
+        body = {"obs": CONTEXTS[0].tolist()}
+        served: dict[str, int] = {}
+        for index in range(3000):
+            answer = http.post("/policies/bandit/predict_raw", json=body).json()
+            served[answer["version"]] = served.get(answer["version"], 0) + 1
+            if index % 100 == 99:
+                time.sleep(0.3)
+                if rollout(http)["state"] != "canary":
+                    break
+        document = rollout(http)
+        assert document["state"] == "rolled_back", (document, served)
+        assert "p99_latency_ratio" in document["history"][-1]["reason"]
+        guardrail = document["evidence"]["guardrails"]["p99_latency_ratio"]
+        assert guardrail["slow_share_lower"] > 0.01 and guardrail["reference_s"] > 0
+        # No reward was sent: the value test decided nothing.
+        assert document["evidence"]["rewarded"] == {"4": 0, "1": 0}
+        assert document["evidence"]["alpha_split"] == pytest.approx(
+            {
+                "offline": 0.0,
+                "value": 0.0375,
+                "error_rate_increase": 0.00625,
+                "p99_latency_ratio": 0.00625,
+            }
+        )
