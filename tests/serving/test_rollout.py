@@ -4,6 +4,8 @@ the client from Bernoulli(MEANS[context, action]), so each unit's value is in [0
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer, serving
+from tests.conftest import ROOT, RunningServer, free_port, serving
 from tests.experience.test_evaluation import CANDIDATE, CONTEXTS, LOGGING, MEANS, SCHEMA, true_value
 from tests.policies import linear_onnx_policy, slow_onnx_policy
 from tests.rollout_simulation import false_promotions, simulate
@@ -116,10 +118,9 @@ SPEC: dict[str, Any] = {
 def test_a_better_candidate_is_promoted_within_4000_units(cache_dir: Path, tmp_path: Path) -> None:
     assert true_value(*CANDIDATE) - true_value(*LOGGING) > 0.19
     root = repository(tmp_path / "repo")
-    with (
-        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log")) as server,
-        server.client() as http,
-    ):
+    port = free_port()
+    more = flags(tmp_path / "log", "--metrics-port", str(port))
+    with serving(root, cache_dir, tmp_path, KEY, *more) as server, server.client() as http:
         answer = start(http, candidate="2", **SPEC)
         assert answer.status_code == 201, answer.text
         assert answer.json()["state"] == "canary" and answer.json()["weight"] == 10
@@ -136,6 +137,21 @@ def test_a_better_candidate_is_promoted_within_4000_units(cache_dir: Path, tmp_p
         assert steps[0] == "canary" and steps[-1] == "promoted"
         assert traffic(http) == {"1": 0.0, "2": 100.0, "3": 0.0}
         assert '"event": "rollout_transition"' in server.output().replace('":"', '": "')
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'policy_server_rollout_state{policy="bandit",state="promoted"} 1.0' in metrics
+    assert 'policy_server_rollout_weight_percent{policy="bandit"} 100.0' in metrics
+    for bound in ("estimate", "lower", "upper"):
+        assert (
+            f'policy_server_rollout_value_difference{{bound="{bound}",policy="bandit"}}' in metrics
+        )
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/policy-server.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"policy_server_rollout_[a-z_]+", target["expr"])
+    }
+    assert len(queried) == 3 and all(name in metrics for name in queried)
 
 
 def test_a_worse_candidate_is_rolled_back_with_its_share_bounded(
