@@ -52,6 +52,7 @@ from policy_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+_TRACE_FIELDS = ("at", "rewarded", "estimate", "lower", "upper", "weight")
 TICK_S = 0.2
 SWEEP_S = 1.0
 GATE_INTERVAL_S = 5.0
@@ -285,6 +286,7 @@ class RolloutController:
                     },
                 },
                 "offline": evidence.offline,
+                "trace": [dict(zip(_TRACE_FIELDS, point, strict=True)) for point in evidence.trace],
             },
             "history": record["history"],
         }
@@ -434,6 +436,7 @@ class RolloutController:
             changed = []
             for active in rollouts.values():
                 if active.dirty:
+                    active.evidence.mark(time.time(), active.record["weight"], active.moved)
                     self.ledger.put(active.policy, active.record, active.evidence.to_state())
                     self.metrics.rollout_value(active.policy, *active.evidence.bounds())
                 if active.moved:

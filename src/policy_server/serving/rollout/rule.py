@@ -30,6 +30,7 @@ FINAL = ("promoted", "rolled_back", "rejected", "held", "aborted")
 # The incumbent's requests that fix the latency reference (its p99) before the candidate's
 # latencies are judged against it.
 LATENCY_REFERENCE = 500
+TRACE_POINTS = 720
 _LATENCY_QUANTILE = 0.99
 
 
@@ -92,6 +93,9 @@ class Evidence:
     latency_sample: list[float] = field(default_factory=list)
     latency_reference: float | None = None
     offline: dict[str, Any] | None = None
+    # The interval over time, for the page and the document: [time, rewarded units,
+    # estimate, lower, upper, weight], at most one point a second and TRACE_POINTS in all.
+    trace: list[list[float | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         split = alpha_split(self.spec)
@@ -181,6 +185,16 @@ class Evidence:
             self.value.upper * self.scale,
         )
 
+    def mark(self, at: float, weight: float, transition: bool = False) -> None:
+        """A point of the trace (always at a transition); when full, every other point goes,
+        so it spans the whole rollout at half the resolution (constant memory and work)."""
+        if not transition and self.trace and at - float(self.trace[-1][0] or 0.0) < 1.0:
+            return
+        if len(self.trace) >= TRACE_POINTS:
+            self.trace = self.trace[::2]
+        estimate, lower, upper = self.bounds()
+        self.trace.append([at, self.rewarded.total, estimate, lower, upper, weight])
+
     # --- state ------------------------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
@@ -200,6 +214,7 @@ class Evidence:
             "latency_sample": self.latency_sample,
             "latency_reference": self.latency_reference,
             "offline": self.offline,
+            "trace": self.trace,
         }
 
     @classmethod
@@ -225,6 +240,7 @@ class Evidence:
         evidence.latency_sample = [float(v) for v in state["latency_sample"]]
         evidence.latency_reference = state["latency_reference"]
         evidence.offline = state["offline"]
+        evidence.trace = state.get("trace", [])
         return evidence
 
 
