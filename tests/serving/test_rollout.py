@@ -197,6 +197,9 @@ def test_bad_rollouts_are_refused_naming_the_field(cache_dir: Path, tmp_path: Pa
         assert start(http, candidate="2", **SPEC).status_code == 201
         second = start(http, candidate="3", **SPEC)
         assert second.status_code == 409 and "already has a rollout" in second.text
+        change = {"traffic": {"1": 50, "3": 50}, "shadow": None}
+        manual = http.put("/admin/policies/bandit/traffic", json=change, headers=ADMIN_HEADERS)
+        assert manual.status_code == 409 and "DELETE" in manual.json()["error"]["message"]
         assert (
             http.post("/admin/policies/bandit/rollout", json={"candidate": "2"}).status_code == 403
         )

@@ -153,6 +153,8 @@ def add_policy_routes(
         dependencies=admin,
     )
     async def set_traffic(name: str, change: Annotated[TrafficChange, Body()]) -> Any:
+        if rollouts is not None:
+            await rollouts.take_over_traffic(name)
         try:
             entry = manager.set_traffic(name, change.traffic, change.shadow)
         except PolicyLoadError as error:

@@ -107,7 +107,8 @@ class RolloutController:
             return
         await asyncio.to_thread(self._refresh)
         for policy, record in (await asyncio.to_thread(self.ledger.records)).items():
-            self._follow(policy, record)
+            if record.get("restore", True):
+                self._follow(policy, record)
         await self._start_configured()
         self._task = asyncio.create_task(self._run(), name="rollout-controller")
         self._gate = asyncio.create_task(self._run_gate(), name="rollout-offline-gate")
@@ -189,6 +190,30 @@ class RolloutController:
         record, evidence = result
         self._transitioned(policy, record, evidence)
         return self.document(policy, record, evidence)
+
+    async def take_over_traffic(self, policy: str) -> None:
+        """An admin sets the policy's traffic: refused while a rollout runs (it owns the
+        weights); afterwards, the finished rollout's weights are no longer restored at
+        start-up."""
+        if self.ledger is None:
+            return
+        ledger = self.ledger
+
+        def release() -> None:
+            with ledger.transaction():
+                found = ledger.get(policy)
+                if found is None:
+                    return
+                record, state = found
+                if record["state"] in ACTIVE:
+                    raise RolloutConflict(
+                        f"policy {policy!r} has a rollout in state {record['state']!r} that "
+                        f"sets its traffic; DELETE /admin/policies/{policy}/rollout first"
+                    )
+                record["restore"] = False
+                ledger.put(policy, record, state)
+
+        await asyncio.to_thread(release)
 
     def _finish(
         self, policy: str, to: str, reason: str, rollout_id: str | None
