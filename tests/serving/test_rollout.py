@@ -465,3 +465,17 @@ def test_a_slow_candidate_is_rolled_back_by_its_latency_guardrail(
                 "p99_latency_ratio": 0.00625,
             }
         )
+
+
+def test_a_rollout_promotes_on_the_ray_backend(cache_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    root = repository(tmp_path / "repo")
+    ray = ("--backend", "ray", "--ray-replica-cpus", "0.25")
+    with (
+        serving(root, cache_dir, tmp_path, KEY, *flags(tmp_path / "log", *ray)) as server,
+        server.client() as http,
+    ):
+        assert start(http, candidate="2", **SPEC).status_code == 201
+        document, served = play_until(http, np.random.default_rng(8), _final, 4000)
+        assert document["state"] == "promoted", (document, served)
+        assert traffic(http) == {"1": 0.0, "2": 100.0, "3": 0.0}

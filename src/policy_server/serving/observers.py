@@ -188,8 +188,7 @@ class DecisionLogger:
         weight); None when a version route pinned it."""
         if event.pinned or self.registry is None:
             return None
-        version = event.version
-        return self.registry.entry(version.name).weight_of(version) / 100.0
+        return self.registry.allocation(event.version)
 
     def shadow_answer(self, _: ShadowWork, answer: dict[str, Any]) -> None:
         """A shadow sink: runs in the shadow thread, so it may block on a full queue."""

@@ -119,7 +119,10 @@ class RolloutController:
             if task is not None:
                 task.cancel()
         if self.ledger is not None:
-            self._tick()
+            try:
+                self._tick()
+            except Exception:  # shutting down: the record keeps what earlier ticks folded
+                logger.exception("the rollout controller's last tick failed")
             self.ledger.close()
 
     # --- the resource: start, read, abort ---------------------------------------------------
@@ -322,12 +325,18 @@ class RolloutController:
         """A routed request's outcome, for the guardrails (an observer of the service)."""
         version = event.version
         if version.name in self._canary and not event.pinned:
-            self._inbox.append(("request", (version, False, event.elapsed_s)))
+            self._request_seen(version, False, event.elapsed_s)
 
     def failed(self, version: PolicyVersion, pinned: bool, elapsed_s: float) -> None:
         """A routed request the version could not answer (time-out, broken output)."""
         if version.name in self._canary and not pinned:
-            self._inbox.append(("request", (version, True, elapsed_s)))
+            self._request_seen(version, True, elapsed_s)
+
+    def _request_seen(self, version: PolicyVersion, failed: bool, elapsed_s: float) -> None:
+        # The allocation now, when it was routed, not when a tick folds it.
+        allocation = self.registry.allocation(version)
+        if allocation is not None:
+            self._inbox.append(("request", (version, allocation, failed, elapsed_s)))
 
     def _on_commit(self, records: Sequence[Mapping[str, Any]]) -> None:
         """The decision log's writer thread, after each group it wrote."""
@@ -569,16 +578,21 @@ class RolloutController:
             self._count(active, unit)
 
     def _request(
-        self, active: _Active | None, version: PolicyVersion, failed: bool, elapsed: float
+        self,
+        active: _Active | None,
+        version: PolicyVersion,
+        allocation: float,
+        failed: bool,
+        elapsed: float,
     ) -> None:
         if active is None or active.record["state"] != "canary":
             return
         candidate = version.version == active.record["candidate"]
         if not candidate and version.version != active.record["incumbent"]:
             return
-        p = active.record["weight"] / 100.0
-        if not 0.0 < p < 1.0:
+        if not 0.0 < allocation < 1.0:
             return
+        p = allocation if candidate else 1.0 - allocation
         active.evidence.add_request(candidate, p, failed, elapsed)
         active.dirty = True
         self._check(active)
