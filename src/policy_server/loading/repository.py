@@ -78,6 +78,9 @@ class RepositoryConfig(BaseModel):
                             entry[key] = {str(k): v for k, v in entry[key].items()}
                     if entry.get("shadow") is not None:
                         entry["shadow"] = str(entry["shadow"])
+                    rollout = entry.get("rollout")
+                    if isinstance(rollout, dict) and isinstance(rollout.get("candidate"), int):
+                        rollout["candidate"] = str(rollout["candidate"])
         try:
             config = cls.model_validate(document)
         except ValidationError as error:
@@ -86,6 +89,8 @@ class RepositoryConfig(BaseModel):
             )
             raise PolicyLoadError(f"{source}: {problems}") from None
         for name, policy in config.policies.items():
+            for where, message in policy.rollout.problems() if policy.rollout else []:
+                raise PolicyLoadError(f"{source}: policies.{name}.rollout.{where}: {message}")
             for version, weight in (policy.traffic or {}).items():
                 if weight < 0:
                     raise PolicyLoadError(

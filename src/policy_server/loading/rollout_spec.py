@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Guardrails(BaseModel):
@@ -36,7 +36,7 @@ class RolloutSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     candidate: str = Field(description="The version rolled out.")
-    steps: list[float] = Field(
+    steps: list[Annotated[float, Field(gt=0, lt=100)]] = Field(
         default=[5.0, 20.0, 50.0],
         min_length=1,
         description="The canary's weights in percent, increasing, each within (0, 100); "
@@ -77,26 +77,17 @@ class RolloutSpec(BaseModel):
     )
     guardrails: Guardrails = Field(default_factory=Guardrails)
 
-    @field_validator("candidate", mode="before")
-    @classmethod
-    def _version_name(cls, value: object) -> object:
-        # YAML reads `candidate: 3` as an int; version names are strings.
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("steps")
-    @classmethod
-    def _increasing(cls, steps: list[float]) -> list[float]:
-        for weight in steps:
-            if not 0.0 < weight < 100.0:
-                raise ValueError(f"each step must be within (0, 100), got {weight:g}")
-        if any(b <= a for a, b in itertools.pairwise(steps)):
-            raise ValueError(f"steps must increase, got {[f'{s:g}' for s in steps]}")
-        return steps
-
-    @field_validator("max_units")
-    @classmethod
-    def _enough_units(cls, max_units: int, info: ValidationInfo) -> int:
-        least = info.data.get("min_units_per_step")
-        if least is not None and max_units < least:
-            raise ValueError(f"max_units must be at least min_units_per_step ({least})")
-        return max_units
+    def problems(self) -> list[tuple[str, str]]:
+        """What no JSON schema can say, as (field, message): checked when a rollout starts
+        (a 422 naming the field) and when repository.yaml is read."""
+        found = []
+        if any(b <= a for a, b in itertools.pairwise(self.steps)):
+            found.append(("steps", f"steps must increase, got {[f'{s:g}' for s in self.steps]}"))
+        if self.max_units < self.min_units_per_step:
+            found.append(
+                (
+                    "max_units",
+                    f"max_units must be at least min_units_per_step ({self.min_units_per_step})",
+                )
+            )
+        return found

@@ -140,6 +140,8 @@ class RolloutController:
         _refuse_second(policy, await asyncio.to_thread(ledger.get, policy))
         incumbent = self._incumbent(policy)
         _check_versions(entry.versions, spec, incumbent)
+        for field, message in spec.problems():
+            raise InvalidRequest(f"invalid request: {field}", [FieldError(field, message)])
         settings = entry.settings
         low, high = settings.rollout_reward_range
         state = "offline_gate" if spec.offline_gate else "canary"
