@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 _TRACE_FIELDS = ("at", "rewarded", "estimate", "lower", "upper", "weight")
 TICK_S = 0.2
+INBOX_LIMIT = 200_000
 SWEEP_S = 1.0
 GATE_INTERVAL_S = 5.0
 GATE_LEASE_S = 300.0
@@ -88,7 +89,10 @@ class RolloutController:
         self.ledger = Ledger(log.directory) if log is not None else None
         # What arrived since the last tick: the log's records (written by its thread) and
         # routed requests' outcomes (from the event loop). deque appends are atomic.
-        self._inbox: deque[tuple[str, Any]] = deque()
+        # Bounded: a controller that falls behind drops the oldest, whatever the version
+        # (so nothing is biased); a decision dropped is a unit never assigned, a reward
+        # dropped leaves its unit missing.
+        self._inbox: deque[tuple[str, Any]] = deque(maxlen=INBOX_LIMIT)
         self._canary: frozenset[str] = frozenset()  # policies whose rollout is in canary
         self._watching = False  # any rollout active: the log's records are wanted
         self._task: asyncio.Task[None] | None = None
