@@ -222,7 +222,7 @@ def test_a_rollout_needs_the_decision_log(cache_dir: Path, tmp_path: Path) -> No
         assert "--decision-log" in answer.json()["error"]["message"]
 
 
-def test_an_identical_candidate_is_never_promoted_in_seeded_simulations() -> None:
+def test_an_identical_candidate_is_promoted_in_at_most_alpha_of_seeded_simulations() -> None:
     runs = 100
     assert false_promotions(runs) <= 0.05 * runs
 
