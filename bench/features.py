@@ -215,6 +215,14 @@ def measure_decision_log(
     return figures
 
 
+def measure_rollout(
+    target: Target, cache: Path, duration: int, flags: ServeFlags
+) -> dict[str, Any]:
+    from rollout import measure_rollout as measure  # it imports this module's helpers
+
+    return measure(target, cache, duration, flags)
+
+
 def measure_features(target: Target, cache: Path, duration: int) -> dict[str, Any]:
     flags = ServeFlags()
     figures: dict[str, Any] = {"notes": {}}
@@ -222,6 +230,7 @@ def measure_features(target: Target, cache: Path, duration: int) -> dict[str, An
         measure_workers(target, cache, duration, (1, 2), flags),
         measure_repository(target, cache, duration, flags),
         measure_decision_log(target, cache, duration, flags),
+        measure_rollout(target, cache, duration, flags),
     ):
         notes = part.pop("notes")
         figures |= part

@@ -189,7 +189,31 @@ def render_features(f: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"- {notes.get('workers', 'not measured')}")
     lines += ["", *render_scaling(), "", *render_repository(f), "", *render_decision_log(f), ""]
-    return lines
+    return [*lines, *render_rollout(f), ""]
+
+
+def render_rollout(f: dict[str, Any]) -> list[str]:
+    notes = f.get("notes", {})
+    lines = [
+        "Rollout (issue #24), `POST /predict`, 32 connections, two copies of the policy at "
+        "50/50 with the decision log on, with and without a rollout's controller:",
+        "",
+    ]
+    if "rollout_off" not in f or "rollout_on" not in f:
+        return [*lines, f"- {notes.get('rollout', 'not measured')}"]
+    off, on = f["rollout_off"], f["rollout_on"]
+    ratio = on.requests_per_s / off.requests_per_s
+    return [
+        *lines,
+        "| rollout | requests/s | p50 ms | p99 ms | vs without | errors |",
+        "|---|---|---|---|---|---|",
+        _row("without (traffic set to 50/50)", off, off),
+        _row("under way (canary at 50%)", on, off),
+        "",
+        "| target | this run | verdict |",
+        "|---|---|---|",
+        f"| with a rollout >= 0.97x without | {ratio:.2f}x | {_verdict(ratio >= 0.97)} |",
+    ]
 
 
 def render_scaling() -> list[str]:

@@ -54,6 +54,13 @@ class InvalidRows(InvalidObservation):
         self.rows = rows
 
 
+class InvalidRequest(PolicyServerError):
+    """A request body that parses but asks for something impossible, named by field."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
 class PolicyNotFound(PolicyServerError):
     status_code = 404
     code = "policy_not_found"

@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _INFERENCE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1)
+ROLLOUT_STATES = (
+    "offline_gate",
+    "canary",
+    "promoted",
+    "rolled_back",
+    "rejected",
+    "held",
+    "aborted",
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 
@@ -131,8 +140,55 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        # A rollout's record is shared by the workers, each of which shows it: the most
+        # recent value of any live worker is the record's.
+        self.rollout_states = Gauge(
+            "policy_server_rollout_state",
+            "1 for the state a policy's rollout is in (offline_gate, canary, promoted, "
+            "rolled_back, rejected, held, aborted), 0 for the others.",
+            ["policy", "state"],
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.rollout_weight = Gauge(
+            "policy_server_rollout_weight_percent",
+            "The candidate's share of the traffic under a rollout, in percent.",
+            ["policy"],
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.rollout_difference = Gauge(
+            "policy_server_rollout_value_difference",
+            "A rollout's value difference, candidate minus incumbent: its estimate and the "
+            "lower and upper bounds of its confidence sequence.",
+            ["policy", "bound"],
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.rollout_transitions = Counter(
+            "policy_server_rollout_transitions",
+            "Transitions of rollouts, by the state entered.",
+            ["policy", "state"],
+            registry=self.registry,
+        )
         self._action_children: dict[tuple[str, str, int, int], Any] = {}
         self._lock = threading.Lock()
+
+    def rollout_state(self, policy: str, state: str, weight: float) -> None:
+        for name in ROLLOUT_STATES:
+            self.rollout_states.labels(policy, name).set(float(name == state))
+        self.rollout_weight.labels(policy).set(weight)
+
+    def rollout_transition(self, policy: str, state: str, weight: float) -> None:
+        self.rollout_transitions.labels(policy, state).inc()
+        self.rollout_state(policy, state, weight)
+
+    def rollout_value(
+        self, policy: str, estimate: float | None, lower: float, upper: float
+    ) -> None:
+        for bound, value in (("estimate", estimate), ("lower", lower), ("upper", upper)):
+            if value is not None:
+                self.rollout_difference.labels(policy, bound).set(value)
 
     def policy_loaded(self, name: str, version: str, runtime: str, seconds: float) -> None:
         self.load_duration.labels(name, version).set(seconds)

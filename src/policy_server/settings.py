@@ -11,7 +11,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +69,29 @@ class PolicyFields(BaseModel):
         gt=0,
         description="Longest a request waits for the model (queueing included); a request "
         "that waits longer is answered 504.",
+    )
+    rollout_reward_low: float = Field(
+        default=0.0,
+        description="Lowest value one rollout unit can have (a decision's reward, or an "
+        "episode's return): a rollout's confidence sequences need the range; values "
+        "outside it are clipped and counted. Per policy in repository.yaml's settings.",
+    )
+    rollout_reward_high: float = Field(
+        default=1.0,
+        description="Highest value one rollout unit can have; see --rollout-reward-low.",
+    )
+    rollout_reward_cutoff_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A rollout unit with no reward (an episode with no new decision or "
+        "reward) for this long is closed: counted if every decision has its reward, else "
+        "counted apart as missing, the same for both versions.",
+    )
+    rollout_offline_ess: float = Field(
+        default=100.0,
+        gt=0,
+        description="Effective sample size of the incumbent's logged decisions the offline "
+        "gate waits for before it passes or rejects a candidate.",
     )
 
 
@@ -323,6 +354,16 @@ class PolicySettings(PolicyFields):
     `policies.<name>.settings` in repository.yaml."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @property
+    def rollout_reward_range(self) -> tuple[float, float]:
+        return self.rollout_reward_low, self.rollout_reward_high
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> Self:
+        if not self.rollout_reward_low < self.rollout_reward_high:
+            raise ValueError("rollout_reward_low must be below rollout_reward_high")
+        return self
 
     @classmethod
     def from_server(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> Self:

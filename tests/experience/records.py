@@ -60,6 +60,7 @@ def decision(
         "value": value,
         "shadow": None,
         "worker": "0",
+        "allocation": None,
     }
 
 

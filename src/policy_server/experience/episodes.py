@@ -94,9 +94,14 @@ class Experience:
 
 
 def load_experience(
-    log_dir: Path, *, policy: str | None = None, default_reward: float | None = None
+    log_dir: Path,
+    *,
+    policy: str | None = None,
+    default_reward: float | None = None,
+    version: str | None = None,
 ) -> Experience:
-    """Read a decision-log directory and join it into episodes of one policy."""
+    """Read a decision-log directory and join it into episodes of one policy (of one of its
+    versions, when `version` is given)."""
     if not Path(log_dir).is_dir():
         raise FileNotFoundError(f"{log_dir}: no such decision-log directory")
     stats = ReadStats()
@@ -104,7 +109,7 @@ def load_experience(
     policy = _choose_policy(decisions, policy, log_dir)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for decision in decisions:
-        if decision["policy"] == policy:
+        if decision["policy"] == policy and version in (None, decision["version"]):
             groups[decision["episode_id"] or decision["decision_id"]].append(decision)
     experience = Experience([], policy, damaged_lines=stats.damaged_lines)
     for group, decisions_of in groups.items():

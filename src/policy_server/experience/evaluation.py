@@ -247,3 +247,35 @@ def _support_warnings(weights: FloatArray, ess: float) -> list[str]:
             "often takes actions the logging policy (almost) never took"
         )
     return warnings
+
+
+@dataclass(frozen=True)
+class PairedEvaluation:
+    """Per logged episode: the candidate's doubly robust return (per-decision importance
+    sampling when it has no value output), the return logged, and the weights' ESS."""
+
+    estimator: str
+    candidate: FloatArray
+    logged: FloatArray
+    ess: float
+
+    @property
+    def differences(self) -> FloatArray:
+        return np.asarray(self.candidate - self.logged)
+
+
+def paired_evaluation(
+    log_dir: Path, candidate: Candidate, *, policy: str, version: str, gamma: float = 1.0
+) -> PairedEvaluation | None:
+    """The candidate against one logged version, episode by episode; None without a
+    rewarded decision of that version."""
+    experience = load_experience(Path(log_dir), policy=policy, version=version)
+    if not experience.episodes:
+        return None
+    data, _ = _prepare(experience, candidate, gamma)
+    if data.dr is not None:
+        return PairedEvaluation("dr", data.dr, data.returns, _ess(data.final_weights))
+    # Without a value output the baseline is 0: the recursion is per-decision IS, still
+    # unbiased, only noisier.
+    per_decision = (data.weights * data.discounted).sum(axis=1)
+    return PairedEvaluation("pdis", per_decision, data.returns, _ess(data.final_weights))

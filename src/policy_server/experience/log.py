@@ -118,6 +118,9 @@ class DecisionLog:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._closing = False
         self._failure: BaseException | None = None
+        # Called in the writer thread with each group of records once it is written and
+        # indexed (a rollout's controller reads decisions and rewards there).
+        self.committed: list[Callable[[Sequence[Mapping[str, Any]]], None]] = []
         self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
         self._thread.start()
         # The server closes the log on shutdown; this covers scripts that forget to.
@@ -310,8 +313,17 @@ class DecisionLog:
         self._stream.flush(durable=any(b.done is not None for b in batches))
         awaiting = self._index.commit(decisions, rewarded)
         self._count(len(decisions), len(rewarded), len(data), awaiting)
+        if self.committed:
+            self._tell([record for batch in batches for record in batch.records])
         self.metrics.write_seconds.observe(time.perf_counter() - started)
         self._release(batches)
+
+    def _tell(self, records: list[Mapping[str, Any]]) -> None:
+        for sink in self.committed:
+            try:
+                sink(records)
+            except Exception:  # a failing reader must never stop the log from writing
+                logger.exception("a reader of the decision log's records failed")
 
     def _count(self, decisions: int, rewards: int, size: int, awaiting: int) -> None:
         self.metrics.decisions.inc(decisions)

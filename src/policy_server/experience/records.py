@@ -52,6 +52,9 @@ class Decision(TypedDict):
     prev_actions: NotRequired[list[float]]
     prev_rewards: NotRequired[float]
     state_in: NotRequired[list[list[float]]]
+    # The probability the traffic split gave this version when it answered; null when the
+    # request pinned the version. A rollout weighs each unit by it.
+    allocation: float | None
 
 
 class Reward(TypedDict):
@@ -87,6 +90,7 @@ def decision_records(
     masks: npt.NDArray[np.bool_] | None,
     state_resets: Sequence[bool | None] | None = None,
     inputs: StepInputs | None = None,
+    allocation: float | None = None,
 ) -> list[Decision]:
     """The decision records of one answered batch, converted from arrays once per batch.
 
@@ -108,6 +112,7 @@ def decision_records(
         sampled,
         distribution,
         masks,
+        allocation,
     )
     if inputs is not None:
         states = [s.tolist() for s in inputs.state]
@@ -135,6 +140,7 @@ def _decision_rows(
     sampled: bool,
     distribution: Distribution,
     masks: npt.NDArray[np.bool_] | None,
+    allocation: float | None,
 ) -> list[Decision]:
     per_row = zip(
         decision_ids,
@@ -168,6 +174,7 @@ def _decision_rows(
             "value": value,
             "shadow": None,
             "worker": worker,
+            "allocation": allocation,
         }
         for (
             decision_id,

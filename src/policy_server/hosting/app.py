@@ -18,6 +18,7 @@ from policy_server.serving.episodes import EpisodeStore, LocalEpisodes
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.observers import ActionMetrics, DecisionLogger, ShadowScorer
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
+from policy_server.serving.rollout.controller import RolloutController
 from policy_server.serving.service import ModelCaller, Observer, PolicyService, local_caller
 from policy_server.settings import Settings
 
@@ -46,7 +47,7 @@ def build_app(
     log = _decision_log(settings, metrics, worker)
     closing = [shadow.close]
     if log is not None:
-        logger = DecisionLogger(log, worker)
+        logger = DecisionLogger(log, worker, registry)
         observers.append(logger)
         shadow.sinks.append(logger.shadow_answer)
         closing.append(log.close)  # after the shadow thread, which writes to it
@@ -56,13 +57,17 @@ def build_app(
             settings.max_episodes, settings.episode_idle_s, state_secret(settings)
         )
     closing.append(store.close)
+    rollouts = RolloutController(registry, manager, settings, metrics, log)
+    observers.append(rollouts)
+    closing.append(rollouts.close)  # after the log, whose last records it still counts
     service = PolicyService(registry, observers, store)
+    service.failures.append(rollouts.failed)
     _install_hooks(settings, registry, service, metrics, callers)
     keys = KeyRing(
         settings.api_keys, settings.secret("admin_key"), settings.no_auth, settings.api_key_file
     )
     warn_demo_key(settings, registry, keys)
-    app = create_app(service, manager, settings, keys, metrics, log, closing)
+    app = create_app(service, manager, settings, keys, metrics, log, closing, rollouts)
     freeze_garbage()
     return app
 

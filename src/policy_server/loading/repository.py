@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from policy_server.errors import PolicyLoadError
 from policy_server.loading.archive import file_digest
 from policy_server.loading.layout import MODEL_FILES, SCHEMA_NAME
+from policy_server.loading.rollout_spec import RolloutSpec
 
 CONFIG_NAME = "repository.yaml"
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -46,7 +47,13 @@ class PolicyConfig(BaseModel):
     settings: dict[str, Any] = Field(
         default_factory=dict,
         description="Per-policy settings: runtime, max_batch_size, max_batch_wait_ms, "
-        "max_batch_observations.",
+        "max_batch_observations, rollout_reward_low/high, rollout_reward_cutoff_s, "
+        "rollout_offline_ess.",
+    )
+    rollout: RolloutSpec | None = Field(
+        default=None,
+        description="A rollout of a candidate version, started when the server finds it "
+        "(once: not again after a restart, nor after it finished).",
     )
 
 
@@ -72,6 +79,9 @@ class RepositoryConfig(BaseModel):
                             entry[key] = {str(k): v for k, v in entry[key].items()}
                     if entry.get("shadow") is not None:
                         entry["shadow"] = str(entry["shadow"])
+                    rollout = entry.get("rollout")
+                    if isinstance(rollout, dict) and isinstance(rollout.get("candidate"), int):
+                        rollout["candidate"] = str(rollout["candidate"])
         try:
             config = cls.model_validate(document)
         except ValidationError as error:
@@ -80,6 +90,8 @@ class RepositoryConfig(BaseModel):
             )
             raise PolicyLoadError(f"{source}: {problems}") from None
         for name, policy in config.policies.items():
+            for where, message in policy.rollout.problems() if policy.rollout else []:
+                raise PolicyLoadError(f"{source}: policies.{name}.rollout.{where}: {message}")
             for version, weight in (policy.traffic or {}).items():
                 if weight < 0:
                     raise PolicyLoadError(

@@ -85,6 +85,7 @@ class PolicyManager:
         self._failed: dict[tuple[str, str], tuple[float, ...]] = {}
         self.repository = False
         self.reloads = 0
+        self.config = RepositoryConfig()  # repository.yaml as last read
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -92,6 +93,7 @@ class PolicyManager:
         """Load every version found; any failure refuses the start with its reason."""
         scan = self.scanner.scan()
         self.repository = scan.repository
+        self.config = scan.config
         for name, versions in scan.versions.items():
             entry = self._entry(name, scan.config)
             for source in versions.values():
@@ -163,6 +165,7 @@ class PolicyManager:
             callback()
 
     async def _apply(self, scan: Scan, report: ReloadReport) -> None:
+        self.config = scan.config
         for name, versions in scan.versions.items():
             entry = self._entry(name, scan.config)
             for source in versions.values():

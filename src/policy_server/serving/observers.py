@@ -159,9 +159,12 @@ class DecisionLogger:
     """Writes one record per answered decision to the decision log, and the shadow's answers
     beside them. Awaits the log: its back-pressure (and sync mode) hold the answer back."""
 
-    def __init__(self, log: DecisionLog, worker: str = "0") -> None:
+    def __init__(
+        self, log: DecisionLog, worker: str = "0", registry: PolicyRegistry | None = None
+    ) -> None:
         self.log = log
         self.worker = worker
+        self.registry = registry
 
     async def observe(self, event: PredictionEvent) -> None:
         version = event.version
@@ -182,11 +185,20 @@ class DecisionLogger:
             masks=event.masks,
             state_resets=event.state_resets,
             inputs=event.inputs,
+            allocation=self._allocation(event),
         )
         # A step's reward belongs to the decision before it, which this log or another
         # worker's wrote before this step was asked for.
         rewards = [reward_record(decision, reward) for decision, reward in event.rewards]
         await self.log.append([*rewards, *records])
+
+    def _allocation(self, event: PredictionEvent) -> float | None:
+        """The probability the traffic split gave the answering version (an episode's too:
+        weighted rendezvous hashing picks a version with probability proportional to its
+        weight); None when a version route pinned it."""
+        if event.pinned or self.registry is None:
+            return None
+        return self.registry.allocation(event.version)
 
     def shadow_answer(self, _: ShadowWork, answer: dict[str, Any]) -> None:
         """A shadow sink: runs in the shadow thread, so it may block on a full queue."""

@@ -200,6 +200,13 @@ class PolicyRegistry:
                 if version.in_flight == 0 and version.idle is not None:
                     version.idle.set()
 
+    def allocation(self, version: PolicyVersion) -> float | None:
+        """The probability the traffic split gives `version` now (an episode's too: weighted
+        rendezvous hashing picks a version with probability proportional to its weight);
+        None when its policy is gone."""
+        entry = self._entries.get(version.name)
+        return None if entry is None else entry.weight_of(version) / 100.0
+
     def entries(self) -> list[PolicyEntry]:
         return list(self._entries.values())
 

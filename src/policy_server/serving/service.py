@@ -126,6 +126,9 @@ class PredictionEvent:
     state_resets: list[bool | None] | None = None
     # What a recurrent policy was fed besides the observations.
     inputs: StepInputs | None = None
+    # A version route pinned the version: the traffic split did not choose it.
+    pinned: bool = False
+    elapsed_s: float = 0.0
 
 
 class Observer(Protocol):
@@ -166,6 +169,9 @@ class PolicyService:
         self._rng = np.random.default_rng()
         self.episodes = LocalEpisodes() if episodes is None else episodes
         self._ids = DecisionIds()
+        # Told of each call the version could not answer (time-out, broken output): the
+        # version, whether it was pinned, and how long the call took.
+        self.failures: list[Callable[[PolicyVersion, bool, float], None]] = []
         # Attaches a caller to a version that has none yet (an app used without lifespan).
         self.attach: Callable[[PolicyVersion], Awaitable[None]] | None = None
         self._attaching: dict[PolicyVersion, asyncio.Future[None]] = {}
@@ -179,18 +185,27 @@ class PolicyService:
         masks: Sequence[list[list[Any]] | None] | None = None,
         deterministic: bool = False,
         seed: int | None = None,
+        pinned: bool = False,
     ) -> list[Prediction]:
         """Decisions for observation rows of shape (batch, the model's input width).
 
         A row whose episode names an id is one step of that episode: its step is counted,
         its reward joins the episode's previous decision and, for a recurrent policy, the
-        model is fed the episode's state and the state it returns is kept."""
+        model is fed the episode's state and the state it returns is kept. `pinned` when
+        the request named the version rather than the traffic split."""
         group = Group(version, rows, episodes, masks)
-        [predictions] = await self.predict_groups([group], deterministic=deterministic, seed=seed)
+        [predictions] = await self.predict_groups(
+            [group], deterministic=deterministic, seed=seed, pinned=pinned
+        )
         return predictions
 
     async def predict_groups(
-        self, groups: Sequence[Group], *, deterministic: bool = False, seed: int | None = None
+        self,
+        groups: Sequence[Group],
+        *,
+        deterministic: bool = False,
+        seed: int | None = None,
+        pinned: bool = False,
     ) -> list[list[Prediction]]:
         """Decisions for one request whose rows several versions answer, one list per group.
 
@@ -200,6 +215,7 @@ class PolicyService:
         any decision reaches the observers. Episode steps are counted once every model
         answered, except a recurrent episode's, which its model call needs first (its
         state); a later group's failure leaves that step counted."""
+        started = time.perf_counter()
         with self.registry.lease(*(group.version for group in groups)):
             masks = [self._group_masks(group) for group in groups]
             ids = [self._ids.take(len(group.rows)) for group in groups]
@@ -213,11 +229,17 @@ class PolicyService:
                     inputs[index], origins[index] = self._group_inputs(
                         group, recurrence, steps[index]
                     )
-            outputs = await self._forward_all(groups, inputs)
-            logits = [
-                self._checked_logits(group, output, mask)
-                for group, output, mask in zip(groups, outputs, masks, strict=True)
-            ]
+            try:
+                outputs = await self._forward_all(groups, inputs)
+                logits = [
+                    self._checked_logits(group, output, mask)
+                    for group, output, mask in zip(groups, outputs, masks, strict=True)
+                ]
+            except Exception:
+                for group in groups:
+                    for failure in self.failures:
+                        failure(group.version, pinned, time.perf_counter() - started)
+                raise
             for index, group in enumerate(groups):
                 if origins[index] is None:
                     steps[index] = await self._group_begin(group, ids[index], recurrent=False)
@@ -253,10 +275,13 @@ class PolicyService:
                         _rewards(group.episodes, steps[index]),
                         resets,
                         inputs[index],
+                        pinned,
                     )
                 )
             if self.observers:
+                elapsed = time.perf_counter() - started
                 for event in events:
+                    event.elapsed_s = elapsed
                     for observer in self.observers:
                         await observer.observe(event)
         return answers

@@ -63,6 +63,19 @@ class PolicyClient:
             raise
         return listing
 
+    def rollout(self, policy: str) -> dict[str, Any] | None:
+        """`GET /policies/{name}/rollout`, or None when the policy has none (or the server
+        no rollouts: no decision log)."""
+        try:
+            document: dict[str, Any] = self._call(
+                "GET", f"/policies/{quote(policy, safe='')}/rollout"
+            )
+        except ServerError as error:
+            if error.status in (404, 405, 409):
+                return None
+            raise
+        return document
+
     def schema(self, target: Target) -> dict[str, Any]:
         info: dict[str, Any] = self._call("GET", target.policy_prefix + "/schema")
         return info

@@ -341,6 +341,43 @@ def show_result(result: dict[str, Any]) -> None:
     distribution_charts(distribution)
 
 
+def show_rollout(document: dict[str, Any]) -> None:
+    """A policy's rollout: its state, weights and evidence, the interval of the value
+    difference over the rewarded units, and its history."""
+    evidence = document["evidence"]
+    st.subheader("Rollout")
+    st.caption(
+        f"Candidate `{document['candidate']}` against incumbent `{document['incumbent']}`: "
+        f"**{document['state']}**, {document['weight']:g}% of the traffic to the candidate"
+    )
+    state, estimate, lower, upper = st.columns(4)
+    state.metric("State", document["state"])
+    for column, name in ((estimate, "estimate"), (lower, "lower"), (upper, "upper")):
+        value = evidence.get(name)
+        column.metric(f"Difference {name}", "—" if value is None else f"{value:.4g}")
+    rewarded = ", ".join(f"{v}: {n}" for v, n in evidence["rewarded"].items())
+    missing = ", ".join(f"{v}: {n}" for v, n in evidence["missing"].items())
+    st.caption(f"Rewarded units {rewarded}; missing (no reward by the cutoff) {missing}")
+    trace = [p for p in evidence.get("trace", []) if p["estimate"] is not None]
+    if trace:
+        st.line_chart(
+            {
+                "rewarded units": [p["rewarded"] for p in trace],
+                "lower": [p["lower"] for p in trace],
+                "estimate": [p["estimate"] for p in trace],
+                "upper": [p["upper"] for p in trace],
+            },
+            x="rewarded units",
+            y=["lower", "estimate", "upper"],
+        )
+    st.table(
+        [
+            {"from": h["from"] or "", "to": h["to"], "reason": h["reason"]}
+            for h in document["history"]
+        ]
+    )
+
+
 def explain(error: ServerError, key: str) -> None:
     """Why there is no form yet: no server, a key to type, or the server's refusal."""
     if error.status is None:
@@ -382,6 +419,14 @@ def main() -> None:
     result = st.session_state.get("result")
     if result is not None and result["target"] == target:
         show_result(result)
+    if target.policy is not None:
+        try:
+            document = client.rollout(target.policy)
+        except ServerError as error:
+            st.error(f"Cannot read the rollout: {error}")
+        else:
+            if document is not None:
+                show_rollout(document)
 
 
 if __name__ == "__main__":

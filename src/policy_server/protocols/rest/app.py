@@ -31,6 +31,7 @@ from policy_server.protocols.rest.rewards import add_experience_routes
 from policy_server.protocols.rest.sdk_routes import add_client_routes
 from policy_server.protocols.rest.sdks import ClientBuilder
 from policy_server.serving.lifecycle import PolicyManager
+from policy_server.serving.rollout.controller import RolloutController
 from policy_server.serving.service import PolicyService
 from policy_server.settings import Settings
 
@@ -59,6 +60,7 @@ def create_app(
     metrics: Metrics,
     log: DecisionLog | None = None,
     closing: list[Callable[[], None]] | None = None,
+    rollouts: RolloutController | None = None,
 ) -> FastAPI:
     registry = service.registry
     builder = ClientBuilder(
@@ -74,6 +76,8 @@ def create_app(
         if settings.metrics_port:
             metrics.serve(settings.host, settings.metrics_port)
         await manager.start()
+        if rollouts is not None:
+            await rollouts.start()
         if builder.languages:
             builder.start()
         try:
@@ -114,7 +118,7 @@ def create_app(
     async def health() -> str:
         return "ok"
 
-    add_policy_routes(app.router, registry, manager, keys)
+    add_policy_routes(app.router, registry, manager, keys, rollouts)
     add_experience_routes(app.router, registry, service, keys, log)
     if log is not None:
         app.add_exception_handler(DecisionLogClosed, _log_unavailable)

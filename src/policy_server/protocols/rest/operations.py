@@ -407,7 +407,7 @@ class PredictionHandler(_Handler):
         ]
         try:
             answered = await self.context.service.predict_groups(
-                groups, deterministic=operation.mode == "mode", seed=seed
+                groups, deterministic=operation.mode == "mode", seed=seed, pinned=self.pinned
             )
         except InvalidRows as error:
             raise _named(error, operation.batch, range(parsed.count)) from None

@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from policy_server.errors import PolicyLoadError, PolicyNotFound
+from policy_server.errors import NotAuthenticated, PolicyLoadError, PolicyNotFound
+from policy_server.loading.rollout_spec import RolloutSpec
 from policy_server.protocols.auth import KeyRing, header_scheme, key_first
-from policy_server.protocols.rest.errors import ERROR_RESPONSES, POLICY_RESPONSES
+from policy_server.protocols.rest.errors import ERROR_RESPONSES, POLICY_RESPONSES, ErrorResponse
 from policy_server.protocols.rest.models import (
     PolicyList,
     PolicyListing,
@@ -21,6 +22,12 @@ from policy_server.protocols.rest.models import (
 from policy_server.protocols.rest.operations import json_response
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry
+from policy_server.serving.rollout.controller import RolloutController
+
+_CONFLICT = (
+    "A rollout is already under way, the server has no decision log, or no version has all "
+    "the traffic"
+)
 
 
 class TrafficChange(BaseModel):
@@ -62,9 +69,36 @@ def listing(registry: PolicyRegistry, entry: PolicyEntry) -> PolicyListing:
 
 
 def add_policy_routes(
-    router: APIRouter, registry: PolicyRegistry, manager: PolicyManager, keys: KeyRing
+    router: APIRouter,
+    registry: PolicyRegistry,
+    manager: PolicyManager,
+    keys: KeyRing,
+    rollouts: RolloutController | None = None,
 ) -> None:
     security = [Security(header_scheme)]
+    rollout_responses = ERROR_RESPONSES | {
+        404: POLICY_RESPONSES[404],
+        409: {"model": ErrorResponse, "description": _CONFLICT},
+    }
+
+    if rollouts is not None:
+
+        @router.get(
+            "/policies/{name}/rollout",
+            operation_id="getRollout",
+            tags=["rollouts"],
+            summary="A policy's rollout: its state, weight, evidence and history",
+            responses=rollout_responses,
+            dependencies=security,
+        )
+        async def get_rollout(name: str, request: Request) -> Response:
+            entry = registry.entry(name)
+            if not keys.opens(request, entry):
+                try:
+                    keys.check_admin(request)
+                except NotAuthenticated:
+                    keys.check(request, entry)  # says "missing" or "wrong" key
+            return json_response(await rollouts.read(name))
 
     @router.get(
         "/policies",
@@ -125,11 +159,38 @@ def add_policy_routes(
         dependencies=admin,
     )
     async def set_traffic(name: str, change: Annotated[TrafficChange, Body()]) -> Any:
+        if rollouts is not None:
+            await rollouts.take_over_traffic(name)
         try:
             entry = await manager.set_traffic(name, change.traffic, change.shadow)
         except PolicyLoadError as error:
             raise PolicyNotFound(str(error)) from None
         manager.changed()
         return json_response(listing(registry, entry).model_dump())
+
+    if rollouts is not None:
+
+        @admin_router.post(
+            "/admin/policies/{name}/rollout",
+            operation_id="adminStartRollout",
+            tags=["admin", "rollouts"],
+            summary="Start a rollout: the candidate earns its traffic step by step",
+            status_code=201,
+            responses=rollout_responses,
+            dependencies=admin,
+        )
+        async def start_rollout(name: str, spec: Annotated[RolloutSpec, Body()]) -> Response:
+            return json_response(await rollouts.begin(name, spec), 201)
+
+        @admin_router.delete(
+            "/admin/policies/{name}/rollout",
+            operation_id="adminAbortRollout",
+            tags=["admin", "rollouts"],
+            summary="Abort a policy's rollout: the incumbent gets all the traffic",
+            responses=rollout_responses,
+            dependencies=admin,
+        )
+        async def abort_rollout(name: str) -> Response:
+            return json_response(await rollouts.abort(name, "aborted by an admin"))
 
     router.include_router(admin_router)
