@@ -1,9 +1,11 @@
 """The decision log: records queued by the event loop, written by one thread in group commits.
 
-The request path only appends to a bounded queue. A writer thread takes everything waiting,
-writes it as one block, fsyncs once when a caller needs durability, updates the index in
-one transaction, then answers everyone in that group. A full queue makes callers wait
-(back-pressure) instead of growing memory or dropping records.
+The request path only appends to a bounded queue what it already has (`PendingDecisions`:
+ids and arrays, nothing converted). A writer thread takes everything waiting, builds the
+records (the distribution, the lists and dicts), serialises them, writes them as one block,
+fsyncs once when a caller needs durability, updates the index in one transaction, then
+answers everyone in that group. A full queue makes callers wait (back-pressure) instead of
+growing memory or dropping records.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from policy_server.experience.files import (
 )
 from policy_server.experience.index import INDEX_NAME, DecisionIndex
 from policy_server.experience.metrics import DecisionLogMetrics
-from policy_server.experience.records import episode_end_record, reward_record
+from policy_server.experience.records import PendingDecisions, episode_end_record, reward_record
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +61,14 @@ class DecisionLogClosed(RuntimeError):
     """The log is closed, or its writer failed; nothing more can be acknowledged."""
 
 
+Records = Sequence[Mapping[str, Any]] | PendingDecisions
+
+
 @dataclass
 class _Batch:
-    records: list[Mapping[str, Any]]
-    decision_ids: list[str]
+    # Built records, or decisions the writer builds into records.
+    records: Sequence[Mapping[str, Any]] | PendingDecisions
+    decision_ids: Sequence[str]
     episode_ids: Counter[str]
     # Set once the batch is written and fsync'ed; None when the caller does not wait for it.
     done: concurrent.futures.Future[None] | None = field(default=None)
@@ -123,24 +129,31 @@ class DecisionLog:
         # The server closes the log on shutdown; this covers scripts that forget to.
         atexit.register(self.close)
 
-    async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
+    async def append(self, records: Records) -> None:
         """Queue records; waits while the queue is full, and in sync mode until written."""
         if not records:
             return
         batch = self._batch(records)
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._cond:
-                if self._offer(batch):
-                    break
-                waiter = loop.create_future()
-                self._waiters.append((loop, waiter))
-            await waiter
+        with self._cond:
+            queued = self._offer(batch)
+        if not queued:
+            await self._offer_when_room(batch)
         if batch.done is not None:
             # Shielded: a cancelled request must not cancel the future the writer resolves.
             await asyncio.shield(asyncio.wrap_future(batch.done))
 
-    def append_blocking(self, records: Sequence[Mapping[str, Any]]) -> None:
+    async def _offer_when_room(self, batch: _Batch) -> None:
+        """Back-pressure: wait for the writer to make room, then queue."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._offer(batch):
+                    return
+                waiter = loop.create_future()
+                self._waiters.append((loop, waiter))
+            await waiter
+
+    def append_blocking(self, records: Records) -> None:
         """`append` for threads outside an event loop (scripts, tests, tools)."""
         if not records:
             return
@@ -212,12 +225,14 @@ class DecisionLog:
     def queue_depth(self) -> int:
         return self._queued
 
-    def _batch(self, records: Sequence[Mapping[str, Any]]) -> _Batch:
-        decisions = [r for r in records if r.get("type") == "decision"]
-        episodes = Counter(str(r["episode_id"]) for r in decisions if r.get("episode_id"))
+    def _batch(self, records: Records) -> _Batch:
         done: concurrent.futures.Future[None] | None = (
             concurrent.futures.Future() if self.sync else None
         )
+        if isinstance(records, PendingDecisions):
+            return _Batch(records, records.decision_ids, Counter(records.episode_ids()), done)
+        decisions = [r for r in records if r.get("type") == "decision"]
+        episodes = Counter(str(r["episode_id"]) for r in decisions if r.get("episode_id"))
         return _Batch(list(records), [str(r["decision_id"]) for r in decisions], episodes, done)
 
     def _offer(self, batch: _Batch) -> bool:
@@ -295,7 +310,10 @@ class DecisionLog:
         started = time.perf_counter()
         lines, decisions, rewarded = [], [], []
         for batch in batches:
-            for record in batch.records:
+            records = batch.records
+            if isinstance(records, PendingDecisions):
+                records = records.records()
+            for record in records:
                 lines.append(orjson.dumps(record, option=_DUMPS_OPTIONS))
                 kind = record.get("type")
                 if kind == "decision":

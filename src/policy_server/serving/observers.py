@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.experience.log import DecisionLog
-from policy_server.experience.records import decision_records
+from policy_server.experience.records import PendingDecisions
 from policy_server.metrics import Metrics
 from policy_server.policy.distribution import Categorical
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
@@ -159,10 +159,11 @@ class DecisionLogger:
         self.worker = worker
 
     async def observe(self, event: PredictionEvent) -> None:
+        # Only what the call already has; the log's writer thread builds the records.
         version = event.version
-        policy = version.loaded
         predictions = event.predictions
-        records = decision_records(
+        pending = PendingDecisions(
+            time=time.time(),
             policy=version.name,
             version=version.version,
             worker=self.worker,
@@ -173,10 +174,10 @@ class DecisionLogger:
             chosen=event.chosen,
             values=event.outputs.value,
             sampled=event.sampled,
-            distribution=policy.distribution.distribution(event.logits),
+            action_distribution=version.loaded.distribution,
             masks=event.masks,
         )
-        await self.log.append(records)
+        await self.log.append(pending)
 
     def shadow_answer(self, _: ShadowWork, answer: dict[str, Any]) -> None:
         """A shadow sink: runs in the shadow thread, so it may block on a full queue."""
