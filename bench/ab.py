@@ -4,8 +4,9 @@ a few seconds each, several rounds; ratios within a round are what count.
     python bench/ab.py --server before=/work/main/src --server after=src --ceiling \
         --rounds 5 --seconds 4 [--flags "--workers 1"] [--decision-log]
 
-Each `--server LABEL=SRC` runs policy-server from the source folder SRC (its PYTHONPATH) on
-the first target of bench/harness.py; `--ceiling` and `--bare` add the FastAPI constant and
+Each `--server LABEL=SRC[::FLAGS]` runs policy-server from the source folder SRC (its
+PYTHONPATH) on the first target of bench/harness.py, with FLAGS added (`{tmp}` is a fresh
+folder, e.g. `::--decision-log {tmp}`); `--ceiling` and `--bare` add the FastAPI constant and
 the bare-ASGI app. Prints every round, the medians, the ratios to the first server, and the
 machine's load average before and after.
 """
@@ -18,12 +19,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from harness import BENCH, PYTHON, Server, targets, wrk
+from harness import BENCH, OUT, PYTHON, Server, targets, wrk
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--server", action="append", default=[], help="LABEL=SRC")
+    parser.add_argument(
+        "--server", action="append", default=[], help="LABEL=SRC, or LABEL=SRC::EXTRA FLAGS"
+    )
     parser.add_argument("--flags", default="--workers 1", help="flags for every policy-server")
     parser.add_argument("--ceiling", action="store_true")
     parser.add_argument("--bare", action="store_true")
@@ -32,13 +35,15 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--path", default="/predict")
     args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
     target = targets()[0]
     cache = Path(tempfile.mkdtemp(prefix="ab-cache-"))
     servers: dict[str, Server] = {}
     for spec in args.server:
         label, src = spec.split("=", 1)
+        src, _, extra = src.partition("::")
         folder = Path(tempfile.mkdtemp(prefix=f"ab-{label}-"))
-        flags = [part.replace("{tmp}", str(folder)) for part in args.flags.split()]
+        flags = [part.replace("{tmp}", str(folder)) for part in (args.flags + " " + extra).split()]
         command = [PYTHON, "-m", "policy_server.hosting.cli", "serve", str(target.path)]
         command += ["--port", "{port}", "--cache-dir", str(cache), "--log-level", "warning"]
         command += ["--metrics-port", "0", "--client-languages", "", *flags]
