@@ -124,6 +124,9 @@ PEERS = (
     ("ceiling_c32", "FastAPI + pydantic constant (reference (b))"),
     ("ours_c32", "policy-server (default `--workers`: one per core)"),
     ("workers_1", "policy-server, one process (`--workers 1`)"),
+    ("uvicorn_ours_c32", "policy-server's app, one process: `uvicorn app:app` (httptools, uvloop)"),
+    ("granian_ours_c32", "policy-server's app, one process: `granian --interface asgi app:app`"),
+    ("granian_bare_c32", "bare ASGI constant on Granian (one process, uvloop)"),
     ("litserve_c32", "LitServe, same ONNX model and work"),
     ("rayserve_c32", "Ray Serve (FastAPI ingress, HTTP proxy), same ONNX model and work"),
 )
