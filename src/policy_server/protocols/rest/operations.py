@@ -23,6 +23,7 @@ from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from policy_server.errors import FieldError, InvalidObservation, InvalidRows
@@ -147,9 +148,21 @@ class PolicyRoute(APIRoute):
         self._handler = handler
         super().__init__(path, endpoint, **kw)
         self.app = self._answer
+        # The router tries every route in turn, and most are some other policy's or
+        # operation's: a string test turns those away before the regular expression.
+        self._exact = "{" not in path
+        self._prefix = path.split("{", 1)[0]
 
     def get_route_handler(self) -> Handler:  # type: ignore[override]
         return self._handler
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # Under a root_path, Starlette's own matching (which strips it) decides.
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path = scope["path"]
+            if path != self.path if self._exact else not path.startswith(self._prefix):
+                return Match.NONE, {}
+        return super().matches(scope)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._handler(Request(scope, receive, send))
