@@ -345,14 +345,27 @@ passes); single requests on a one-thread ONNX session; the model runs on the eve
 rather than in a thread (a thread hand-off costs more than the model call); orjson parses
 and writes JSON; the cyclic garbage collector is frozen after start-up, which keeps its
 pauses out of the tail latency; uvicorn runs with httptools and uvloop; and `--workers`
-runs one process per core behind one port (the workers tables above).
+runs one process per core behind one port (the workers tables above). For issue #22
+(profiles before and after in COMPONENTS.md): the policy routes answer without FastAPI's
+per-request wrapping (two exit stacks for dependencies that never run, a second exception
+wrapper) and turn other paths away with a string test before the router's regular
+expression; a JSON response builds its two headers directly; the request metrics' children
+are looked up once per route and version; request ids come from a per-process prefix and a
+counter, not uuid4's system call; a single observation's action is sampled in Python
+floats, not a dozen numpy calls; and the decision log's request only queues the arrays it
+has, its writer thread builds the records, lets a group gather for 10 ms in asynchronous
+mode and indexes the group in one SQL statement (each statement step of the sqlite3 module
+hands the GIL to the event loop and back).
 
 What would close the rest: on this 2-core machine wrk itself takes most of a core, so two
 workers cannot double one, and the targets that compare policy-server's processes with the
 one process of the FastAPI constant (1.5x) or of the bare-ASGI app (0.35x) need each
 worker's request to cost little more than the constant answer's. The candidates are fewer
 middleware layers per request (each is a Python call in and out for every request) and a
-compiled sampler for single observations. SCALING.md shows the same server on 16 cores,
+prediction path that enters before Starlette's stack. The Granian rows of the peers
+table compare that HTTP server with uvicorn on the bare app and on policy-server's own
+`app.py`, one process each; uvicorn stays the default (`uvicorn app:app` works either way)
+until a run on an idle machine shows Granian ahead. SCALING.md shows the same server on 16 cores,
 where throughput grows with workers. The batch endpoint is limited by pydantic building
 one object per observation, by writing 1,000 JSON objects and, for mouse_and_cheese (two
 256-unit layers), by the forward pass itself on cores shared with the HTTP side.
@@ -361,10 +374,11 @@ The features' misses, as measured here and not profiled: during a reload the p99
 above the steady p99 although the reload itself answers within a fraction of a second (both
 in the repository table), which suggests that requests wait while the worker that received
 `POST /admin/reload` loads the new version; loading it off that worker's event loop and
-swapping it in at once would keep answering. The decision log's cost shows in every
-request's latency, so at least part of it lies on the request path, and more of it with
-`--decision-log-sync`, which answers only once the decision is written;
-`bench/PROFILING.md`'s method applies to both.
+swapping it in at once would keep answering. The decision log's writer thread shares the
+process, and its GIL, with the event loop: what it costs after issue #22 is its own work
+(building the records, orjson, the write and the index transaction) done beside the
+requests, in one group per 10 ms; `--decision-log-sync` writes at once and answers only
+once the decision is on disk, so its requests wait for the fsync.
 
 Why the peers are slower with the same model and the same work: LitServe's FastAPI
 process hands each request to its inference worker process through a multiprocessing queue
