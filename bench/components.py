@@ -181,17 +181,27 @@ def main() -> None:
     lines = [
         "# Costs of the request path's parts",
         "",
-        "Written by `make bench` (`bench/components.py`); do not edit by hand. In-process",
-        "timings on the machine of bench/RESULTS.md, in microseconds per call.",
+        "The table is written by `make bench` (`bench/components.py`); the sections after it",
+        "are kept. In-process timings on the machine of bench/RESULTS.md, in microseconds per",
+        "call.",
         "",
         "| part | us per call |",
         "|---|---|",
         *(f"| {label} | {value:,.1f} |" for label, value in rows),
         "",
     ]
-    text = "\n".join(lines)
-    (ROOT / "bench" / "COMPONENTS.md").write_text(text)
+    path = ROOT / "bench" / "COMPONENTS.md"
+    text = "\n".join(lines) + _profiles(path)
+    path.write_text(text)
     print(text)
+
+
+def _profiles(path: Path) -> str:
+    """The hand-written sections after the table (the sampling profiles of a running
+    server, bench/PROFILING.md), kept as they are."""
+    old = path.read_text() if path.is_file() else ""
+    start = old.find("\n## ")
+    return "" if start < 0 else old[start:]
 
 
 if __name__ == "__main__":

@@ -172,6 +172,9 @@ class Metrics:
             registry=self.registry,
         )
         self._action_children: dict[tuple[str, str, int, int], Any] = {}
+        # (route, method, code, policy, version) -> the request counter's and the duration
+        # histogram's children: `labels()` validates and locks on every call, a dict does not.
+        self._request_children: dict[tuple[str, str, int, str, str], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
     def rollout_state(self, policy: str, state: str, weight: float) -> None:
@@ -189,6 +192,22 @@ class Metrics:
         for bound, value in (("estimate", estimate), ("lower", lower), ("upper", upper)):
             if value is not None:
                 self.rollout_difference.labels(policy, bound).set(value)
+
+    def request_answered(
+        self, route: str, method: str, code: int, policy: str, version: str, seconds: float
+    ) -> None:
+        """Count one answered HTTP request and observe its duration."""
+        key = (route, method, code, policy, version)
+        children = self._request_children.get(key)
+        if children is None:
+            with self._lock:
+                children = (
+                    self.requests.labels(route, method, str(code), policy, version),
+                    self.request_duration.labels(route, policy, version),
+                )
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def policy_loaded(self, name: str, version: str, runtime: str, seconds: float) -> None:
         self.load_duration.labels(name, version).set(seconds)
@@ -208,6 +227,8 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 metric.remove(name, version)
         with self._lock:
+            for request in [k for k in self._request_children if k[3:] == (name, version)]:
+                del self._request_children[request]
             for key in [k for k in self._action_children if k[:2] == (name, version)]:
                 child = self._action_children.pop(key)
                 del child

@@ -1,9 +1,11 @@
 """The decision log: records queued by the event loop, written by one thread in group commits.
 
-The request path only appends to a bounded queue. A writer thread takes everything waiting,
-writes it as one block, fsyncs once when a caller needs durability, updates the index in
-one transaction, then answers everyone in that group. A full queue makes callers wait
-(back-pressure) instead of growing memory or dropping records.
+The request path only appends to a bounded queue what it already has (`PendingDecisions`:
+ids and arrays, nothing converted). A writer thread takes everything waiting, builds the
+records (the distribution, the lists and dicts), serialises them, writes them as one block,
+fsyncs once when a caller needs durability, updates the index in one transaction, then
+answers everyone in that group. A full queue makes callers wait (back-pressure) instead of
+growing memory or dropping records.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from policy_server.experience.files import (
 )
 from policy_server.experience.index import INDEX_NAME, DecisionIndex
 from policy_server.experience.metrics import DecisionLogMetrics
-from policy_server.experience.records import episode_end_record, reward_record
+from policy_server.experience.records import PendingDecisions, episode_end_record, reward_record
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +55,24 @@ _INDEX_CHUNK = 50_000
 PEER_GRACE_S = 2.0
 _PEER_POLL_S = 0.05
 _DUMPS_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+# In asynchronous mode the writer lets a group gather this long before writing it: waking
+# the writer thread for every decision costs the event loop a thread switch per request,
+# and a group of one pays a whole index transaction. Sync mode writes at once.
+LINGER_S = 0.01
 
 
 class DecisionLogClosed(RuntimeError):
     """The log is closed, or its writer failed; nothing more can be acknowledged."""
 
 
+Records = Sequence[Mapping[str, Any]] | PendingDecisions
+
+
 @dataclass
 class _Batch:
-    records: list[Mapping[str, Any]]
-    decision_ids: list[str]
+    # Built records, or decisions the writer builds into records.
+    records: Sequence[Mapping[str, Any]] | PendingDecisions
+    decision_ids: Sequence[str]
     episode_ids: Counter[str]
     # Set once the batch is written and fsync'ed; None when the caller does not wait for it.
     done: concurrent.futures.Future[None] | None = field(default=None)
@@ -121,29 +131,40 @@ class DecisionLog:
         # Called in the writer thread with each group of records once it is written and
         # indexed (a rollout's controller reads decisions and rewards there).
         self.committed: list[Callable[[Sequence[Mapping[str, Any]]], None]] = []
+        # The writer waits for work with nothing queued; the first record wakes it.
+        self._writer_idle = False
+        # A queue this deep wakes a lingering writer at once, before back-pressure starts.
+        self._wake_at = max(1, max_queue // 2)
         self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
         self._thread.start()
         # The server closes the log on shutdown; this covers scripts that forget to.
         atexit.register(self.close)
 
-    async def append(self, records: Sequence[Mapping[str, Any]]) -> None:
+    async def append(self, records: Records) -> None:
         """Queue records; waits while the queue is full, and in sync mode until written."""
         if not records:
             return
         batch = self._batch(records)
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._cond:
-                if self._offer(batch):
-                    break
-                waiter = loop.create_future()
-                self._waiters.append((loop, waiter))
-            await waiter
+        with self._cond:
+            queued = self._offer(batch)
+        if not queued:
+            await self._offer_when_room(batch)
         if batch.done is not None:
             # Shielded: a cancelled request must not cancel the future the writer resolves.
             await asyncio.shield(asyncio.wrap_future(batch.done))
 
-    def append_blocking(self, records: Sequence[Mapping[str, Any]]) -> None:
+    async def _offer_when_room(self, batch: _Batch) -> None:
+        """Back-pressure: wait for the writer to make room, then queue."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._offer(batch):
+                    return
+                waiter = loop.create_future()
+                self._waiters.append((loop, waiter))
+            await waiter
+
+    def append_blocking(self, records: Records) -> None:
         """`append` for threads outside an event loop (scripts, tests, tools)."""
         if not records:
             return
@@ -215,12 +236,14 @@ class DecisionLog:
     def queue_depth(self) -> int:
         return self._queued
 
-    def _batch(self, records: Sequence[Mapping[str, Any]]) -> _Batch:
-        decisions = [r for r in records if r.get("type") == "decision"]
-        episodes = Counter(str(r["episode_id"]) for r in decisions if r.get("episode_id"))
+    def _batch(self, records: Records) -> _Batch:
         done: concurrent.futures.Future[None] | None = (
             concurrent.futures.Future() if self.sync else None
         )
+        if isinstance(records, PendingDecisions):
+            return _Batch(records, records.decision_ids, Counter(records.episode_ids()), done)
+        decisions = [r for r in records if r.get("type") == "decision"]
+        episodes = Counter(str(r["episode_id"]) for r in decisions if r.get("episode_id"))
         return _Batch(list(records), [str(r["decision_id"]) for r in decisions], episodes, done)
 
     def _offer(self, batch: _Batch) -> bool:
@@ -236,7 +259,8 @@ class DecisionLog:
         self._queued_ids.update(batch.decision_ids)
         self._queued_episodes += batch.episode_ids
         self.metrics.queue_depth.set(self._queued)
-        self._cond.notify_all()
+        if self.sync or self._writer_idle or self._queued >= self._wake_at:
+            self._cond.notify_all()
         return True
 
     async def _known(self, decision_ids: list[str]) -> set[str]:
@@ -279,7 +303,11 @@ class DecisionLog:
             while True:
                 with self._cond:
                     if not self._pending and not self._closing:
+                        self._writer_idle = True
                         self._cond.wait(self._stream.seconds_to_rotation())
+                        self._writer_idle = False
+                    if self._lingers():
+                        self._cond.wait(LINGER_S)  # cut short by a deep queue or close()
                     batches = list(self._pending)
                     self._pending.clear()
                     stop = self._closing and not batches
@@ -294,11 +322,26 @@ class DecisionLog:
             logger.exception("the decision log's writer failed; refusing further records")
             self._fail(error, batches)
 
+    def _lingers(self) -> bool:
+        """Whether to let more records join the group first; the caller holds the
+        condition."""
+        return (
+            bool(self._pending)
+            and not self.sync
+            and not self._closing
+            and self._queued < self._wake_at
+        )
+
     def _commit(self, batches: list[_Batch]) -> None:
         started = time.perf_counter()
         lines, decisions, rewarded = [], [], []
+        written: list[Mapping[str, Any]] = []
         for batch in batches:
-            for record in batch.records:
+            records = batch.records
+            if isinstance(records, PendingDecisions):
+                records = records.records()
+            written += records
+            for record in records:
                 lines.append(orjson.dumps(record, option=_DUMPS_OPTIONS))
                 kind = record.get("type")
                 if kind == "decision":
@@ -314,7 +357,7 @@ class DecisionLog:
         awaiting = self._index.commit(decisions, rewarded)
         self._count(len(decisions), len(rewarded), len(data), awaiting)
         if self.committed:
-            self._tell([record for batch in batches for record in batch.records])
+            self._tell(written)
         self.metrics.write_seconds.observe(time.perf_counter() - started)
         self._release(batches)
 

@@ -1,7 +1,8 @@
 """The records a decision log holds: decisions, rewards and episode ends, as plain dicts.
 
-Plain dicts because the server builds one per answered decision on the request path and
-orjson writes a dict fastest; the TypedDicts document the shape and let mypy check it.
+Plain dicts because orjson writes a dict fastest; the TypedDicts document the shape and let
+mypy check it. An answered call hands the log `PendingDecisions` (the arrays it already has);
+the log's writer thread turns them into records, off the request path.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
 
-from policy_server.policy.distribution import Actions, Distribution
+from policy_server.policy.distribution import ActionDistribution, Actions, Distribution
 from policy_server.runtime.base import StepInputs
 
 
@@ -91,13 +93,15 @@ def decision_records(
     state_resets: Sequence[bool | None] | None = None,
     inputs: StepInputs | None = None,
     allocation: float | None = None,
+    now: float | None = None,
 ) -> list[Decision]:
     """The decision records of one answered batch, converted from arrays once per batch.
 
     `episodes` holds each row's (episode_id, step); `masks` is (batch, logits width) or None;
-    `logits` are the ones actions were drawn from (masked entries as given).
+    `logits` are the ones actions were drawn from (masked entries as given); `now` is when
+    the decisions were made (default: now).
     """
-    now = time.time()
+    now = time.time() if now is None else now
     records = _decision_rows(
         now,
         policy,
@@ -188,6 +192,58 @@ def _decision_rows(
             mask,
         ) in per_row
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDecisions:
+    """One answered call's decisions as the request path has them: references to its arrays,
+    nothing converted. `records()` builds the decision records (the distribution, the lists,
+    the dicts); the decision log calls it on its writer thread. The arrays are not written
+    to after the answer, so reading them there is safe.
+    """
+
+    time: float
+    policy: str
+    version: str
+    worker: str
+    decision_ids: Sequence[str]
+    episodes: Sequence[tuple[str | None, int | None]]
+    rows: npt.NDArray[Any]
+    logits: npt.NDArray[Any]
+    chosen: Actions
+    values: npt.NDArray[Any] | None
+    sampled: bool
+    action_distribution: ActionDistribution
+    masks: npt.NDArray[np.bool_] | None
+    state_resets: Sequence[bool | None] | None = None
+    inputs: StepInputs | None = None
+    allocation: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.decision_ids)
+
+    def episode_ids(self) -> list[str]:
+        return [episode_id for episode_id, _ in self.episodes if episode_id]
+
+    def records(self) -> list[Decision]:
+        return decision_records(
+            policy=self.policy,
+            version=self.version,
+            worker=self.worker,
+            decision_ids=self.decision_ids,
+            episodes=self.episodes,
+            rows=self.rows,
+            logits=self.logits,
+            chosen=self.chosen,
+            values=self.values,
+            sampled=self.sampled,
+            distribution=self.action_distribution.distribution(self.logits),
+            masks=self.masks,
+            state_resets=self.state_resets,
+            inputs=self.inputs,
+            allocation=self.allocation,
+            now=self.time,
+        )
 
 
 def _row_distributions(distribution: Distribution, batch: int) -> list[dict[str, Any]]:

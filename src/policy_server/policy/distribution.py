@@ -6,6 +6,7 @@ Every runtime hands its logits here, so TensorFlow and ONNX give the same distri
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,8 @@ class Categorical:
         return np.where(masks, logits.astype(np.float64), -np.inf)
 
     def _choose(self, logits: Array, rng: np.random.Generator | None) -> Actions:
+        if logits.shape[0] == 1:
+            return self._choose_one(logits[0].tolist(), rng)
         batch = logits.shape[0]
         rows = np.arange(batch)
         actions = np.empty((batch, len(self.sizes)), dtype=np.int64)
@@ -108,6 +111,25 @@ class Categorical:
             actions[:, index] = chosen
             total += shifted[rows, chosen] - log_z
         return Actions(actions, total)
+
+    def _choose_one(self, row: list[float], rng: np.random.Generator | None) -> Actions:
+        """`_choose` for one row, in Python floats: on a single observation, each of the
+        dozen numpy calls above costs more than its arithmetic. The same draws (one
+        `rng.random()` per component), the first maximum for the mode."""
+        actions, total = [], 0.0
+        for part in self._slices:
+            block = row[part]
+            top = max(block)
+            weights = [math.exp(x - top) for x in block]
+            if rng is None:
+                chosen = block.index(top)
+            else:
+                cumulative = list(itertools.accumulate(weights))
+                draw = rng.random() * cumulative[-1]
+                chosen = next(i for i, c in enumerate(cumulative) if c > draw)
+            actions.append(chosen)
+            total += block[chosen] - top - math.log(sum(weights))
+        return Actions(np.array([actions], dtype=np.int64), np.array([total]))
 
 
 class DiagGaussian:

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.experience.log import DecisionLog
-from policy_server.experience.records import decision_records, reward_record
+from policy_server.experience.records import PendingDecisions, reward_record
 from policy_server.metrics import Metrics
 from policy_server.policy.distribution import Categorical
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
@@ -167,10 +167,11 @@ class DecisionLogger:
         self.registry = registry
 
     async def observe(self, event: PredictionEvent) -> None:
+        # Only what the call already has; the log's writer thread builds the records.
         version = event.version
-        policy = version.loaded
         predictions = event.predictions
-        records = decision_records(
+        pending = PendingDecisions(
+            time=time.time(),
             policy=version.name,
             version=version.version,
             worker=self.worker,
@@ -181,7 +182,7 @@ class DecisionLogger:
             chosen=event.chosen,
             values=event.outputs.value,
             sampled=event.sampled,
-            distribution=policy.distribution.distribution(event.logits),
+            action_distribution=version.loaded.distribution,
             masks=event.masks,
             state_resets=event.state_resets,
             inputs=event.inputs,
@@ -190,7 +191,9 @@ class DecisionLogger:
         # A step's reward belongs to the decision before it, which this log or another
         # worker's wrote before this step was asked for.
         rewards = [reward_record(decision, reward) for decision, reward in event.rewards]
-        await self.log.append([*rewards, *records])
+        if rewards:
+            await self.log.append(rewards)
+        await self.log.append(pending)
 
     def _allocation(self, event: PredictionEvent) -> float | None:
         """The probability the traffic split gave the answering version (an episode's too:

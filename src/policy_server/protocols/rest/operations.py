@@ -23,6 +23,8 @@ from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Receive, Scope, Send
 
 from policy_server.errors import FieldError, InvalidObservation, InvalidRows
 from policy_server.policy.loaded import LoadedPolicy
@@ -116,19 +118,56 @@ OPERATIONS = (
 )
 
 
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+class JSONBytes(Response):
+    """A response of JSON bytes with its two headers built directly: Starlette's `__init__`
+    renders, checks the media type and merges headers for every response."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int = 200) -> None:
+        self.status_code = status_code
+        self.body = body
+        self.background = None
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), _JSON_TYPE]
+
+
 def json_response(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status, media_type="application/json")
+    return JSONBytes(orjson.dumps(content), status)
 
 
 class PolicyRoute(APIRoute):
-    """A route whose request handling is ours; FastAPI describes it from `endpoint`."""
+    """A route whose request handling is ours; FastAPI describes it from `endpoint`.
+
+    It answers without FastAPI's per-request wrapping (two exit stacks for dependencies
+    that never run here, and a second exception wrapper): an error goes on to the app's
+    ExceptionMiddleware, which renders it with the same handlers."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], handler: Handler, **kw: Any):
         self._handler = handler
         super().__init__(path, endpoint, **kw)
+        self.app = self._answer
+        # The router tries every route in turn, and most are some other policy's or
+        # operation's: a string test turns those away before the regular expression.
+        self._exact = "{" not in path
+        self._prefix = path.split("{", 1)[0]
 
     def get_route_handler(self) -> Handler:  # type: ignore[override]
         return self._handler
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # Under a root_path, Starlette's own matching (which strips it) decides.
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path = scope["path"]
+            if path != self.path if self._exact else not path.startswith(self._prefix):
+                return Match.NONE, {}
+        return super().matches(scope)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._handler(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 @dataclass

@@ -6,15 +6,29 @@ Only the path is logged, never the query string or headers, so an API key sent a
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from policy_server.metrics import Metrics
 
 access_log = logging.getLogger("policy_server.access")
+# Request ids: 16 random hex digits per process, then a counter. Unique without a system
+# call per request (uuid4 reads os.urandom every time); ids need not be unguessable.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    """A forked worker gets a prefix of its own."""
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 class RequestObserver:
@@ -52,8 +66,7 @@ class RequestObserver:
         template = getattr(route, "path", "unmatched")
         # The handler names the policy and version that answered, when one did.
         policy, version = scope.get("policy_server.answered", ("", ""))
-        self.metrics.requests.labels(template, scope["method"], str(status), policy, version).inc()
-        self.metrics.request_duration.labels(template, policy, version).observe(seconds)
+        self.metrics.request_answered(template, scope["method"], status, policy, version, seconds)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "request",
@@ -74,4 +87,4 @@ def _request_id(scope: Scope) -> bytes:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
             return bytes(value)
-    return uuid.uuid4().hex.encode()
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}".encode()
