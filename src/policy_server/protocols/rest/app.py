@@ -21,6 +21,7 @@ from policy_server.metrics import Metrics
 from policy_server.protocols.auth import KeyRing, header_scheme
 from policy_server.protocols.rest.docs import install_docs
 from policy_server.protocols.rest.errors import error_response, install_error_handlers
+from policy_server.protocols.rest.openapi import install_number_formats
 from policy_server.protocols.rest.middleware.body_limits import BodySizeLimit
 from policy_server.protocols.rest.middleware.head import HeadAsGet
 from policy_server.protocols.rest.middleware.request_observer import RequestObserver
@@ -41,9 +42,10 @@ policy, **{default}**.
 `/predict` takes a typed observation and samples the policy's action; `/predict_raw` takes the
 raw input vector; `/predict_deterministic` and `/distribution` give the most likely action and
 the exact action probabilities. Every policy's routes also stand under `/policies/{{name}}/`, and
-under `/policies/{{name}}/versions/{{version}}/` to pin a version. Every body may also be sent as
-`{{"observation": <body>, "episode_id": "...", "step": 3, "action_mask": [[true, false]]}}`.
-Send the API key as header `access-token`.
+under `/policies/{{name}}/versions/{{version}}/` to pin a version. The `/step` routes take a
+`Step`: the observation with its episode and action mask,
+`{{"observation": <observation>, "episode_id": "...", "step": 3, "action_mask": [[true, false]]}}`
+(the other routes take that envelope too). Send the API key as header `access-token`.
 """
 
 
@@ -94,6 +96,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs(app)
+    install_number_formats(app)
     app.router.redirect_slashes = False
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

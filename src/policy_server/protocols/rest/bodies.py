@@ -50,6 +50,8 @@ from policy_server.serving.service import Episode
 TYPED, RAW, FLAT, ENVELOPE = "<typed>", "<raw>", "<flat>", "<envelope>"
 # One type, not a union: an error names the value, not a union member.
 MaskValue = Literal[0, 1, True, False]
+# A mask row that forbids every action is refused.
+_ALLOWED: JsonDict = {"contains": {"enum": [1, True]}}
 
 
 def _is_envelope(body: Any) -> bool:
@@ -81,8 +83,10 @@ def _typed_or_raw(typed: type[BaseModel], raw: type[BaseModel]) -> Any:
     return Annotated[union, Discriminator(kind)]
 
 
-def _envelope(name: str, observation: Any, sizes: tuple[int, ...]) -> type[BaseModel]:
-    mask = _mask_type(sizes)
+def _envelope(
+    name: str, observation: Any, sizes: tuple[int, ...], published: bool = False
+) -> type[BaseModel]:
+    mask = _published_mask_type(sizes) if published else _mask_type(sizes)
     return create_model(
         name,
         __config__=ConfigDict(extra="forbid"),
@@ -127,33 +131,65 @@ class BodyTypes:
     typed_batch: type[BaseModel] | None  # /predict_batch
     raw_batch: type[BaseModel]  # /predict_raw_batch
 
+    @property
+    def step_batch(self) -> type[BaseModel]:  # /step_batch
+        return self.raw_batch if self.typed_batch is None else self.typed_batch
 
-def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
-    """The body types of `policy`, their components named `<prefix>Observation` etc."""
+
+def body_types(policy: LoadedPolicy, max_batch: int) -> BodyTypes:
+    """The body types the routes of `policy` accept, on the version's own models, which its
+    vectorizer recognises."""
     width = policy.runtime.observation_width
     sizes = _mask_sizes(policy)
-    if prefix:
-        typed_model = observation_model(policy.schema, f"{prefix}Observation")
-        raw_model = raw_observation_model(width, f"{prefix}RawObservation")
-    else:  # the version's own models, which its vectorizer recognises
-        typed_model, raw_model = policy.observation_model, policy.raw_model
-    raw = _flat_or_envelope(
-        raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model, sizes)
-    )
+    typed_model, raw_model = policy.observation_model, policy.raw_model
+    raw = _flat_or_envelope(raw_model, _envelope("RawObservationEnvelope", raw_model, sizes))
     vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
-    raw_item = _flat_or_envelope(vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model, sizes))
-    raw_batch = _batch(f"{prefix}RawObservationBatch", raw_item, max_batch, width)
+    raw_item = _flat_or_envelope(vector, _envelope("RawVectorEnvelope", raw_model, sizes))
+    raw_batch = _batch("RawObservationBatch", raw_item, max_batch, width)
     if typed_model is None:
         return BodyTypes(None, raw, raw, None, raw_batch)
-    typed = _flat_or_envelope(
-        typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model, sizes)
-    )
+    typed = _flat_or_envelope(typed_model, _envelope("ObservationEnvelope", typed_model, sizes))
     either_flat = _typed_or_raw(typed_model, raw_model)
     either = _flat_or_envelope(
-        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat, sizes)
+        either_flat, _envelope("ObservationOrRawEnvelope", either_flat, sizes)
     )
-    typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
+    typed_batch = _batch("ObservationBatch", typed, max_batch, None)
     return BodyTypes(typed, raw, either, typed_batch, raw_batch)
+
+
+@dataclass(frozen=True)
+class PublishedBodies:
+    """What the OpenAPI document says each route takes: one named model per operation, never
+    a union, so that OpenAPI Generator's SDKs take it as it is (`predict(observation)`) and
+    name no model after a union member (`Observation1`). The routes accept more than they
+    publish (see BodyTypes): every flat route also takes the envelope, which the document
+    gives routes of its own, `.../step*`, whose body is `Step`."""
+
+    observation: type[BaseModel]  # Observation, or RawObservation without schema fields
+    raw: type[BaseModel]
+    batch: type[BaseModel]
+    raw_batch: type[BaseModel]
+    step: type[BaseModel]
+    step_batch: type[BaseModel]
+
+
+def published_bodies(policy: LoadedPolicy, prefix: str, max_batch: int) -> PublishedBodies:
+    """The bodies of `policy`'s routes as the document names them: `<prefix>Observation`,
+    `<prefix>Step`, ..., the same names whatever else is served."""
+    width = policy.runtime.observation_width
+    raw = raw_observation_model(width, f"{prefix}RawObservation")
+    typed = observation_model(policy.schema, f"{prefix}Observation")
+    observation = raw if typed is None else typed
+    vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
+    step = _envelope(f"{prefix}Step", observation, _mask_sizes(policy), published=True)
+    return PublishedBodies(
+        observation=observation,
+        raw=raw,
+        batch=_batch(f"{prefix}ObservationBatch", observation, max_batch, None),
+        raw_batch=_batch(f"{prefix}RawObservationBatch", vector, max_batch, width),
+        step=step,
+        step_batch=_batch(f"{prefix}StepBatch", step, max_batch, None),
+    )
 
 
 def _mask_type(sizes: tuple[int, ...]) -> Any:
@@ -161,13 +197,23 @@ def _mask_type(sizes: tuple[int, ...]) -> Any:
     null for a continuous action space."""
     if not sizes:
         return None
-    # A row that forbids every action is refused.
-    allowed: JsonDict = {"contains": {"enum": [1, True]}}
     rows = tuple(
-        Annotated[list[MaskValue], Field(min_length=n, max_length=n, json_schema_extra=allowed)]
+        Annotated[list[MaskValue], Field(min_length=n, max_length=n, json_schema_extra=_ALLOWED)]
         for n in sizes
     )
     return tuple[rows] | None  # type: ignore[valid-type]
+
+
+def _published_mask_type(sizes: tuple[int, ...]) -> Any:
+    """The mask as the document gives it: where every component has as many actions, a list
+    of booleans per component, which SDKs type as such; OpenAPI Generator types a tuple
+    (`prefixItems`, for components of several sizes) as a list of anything. The routes take
+    0/1 too (`_mask_type`)."""
+    if len(set(sizes)) != 1:
+        return _mask_type(sizes)
+    [size] = set(sizes)
+    row = Annotated[list[bool], Field(min_length=size, max_length=size, json_schema_extra=_ALLOWED)]
+    return Annotated[list[row], Field(min_length=len(sizes), max_length=len(sizes))] | None
 
 
 def _mask_sizes(policy: LoadedPolicy) -> tuple[int, ...]:
@@ -238,10 +284,10 @@ def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
     key = f"api.validators.{max_batch}"
     found: Validators | None = policy.derived.get(key)
     if found is None:
-        types = body_types(policy, "", max_batch)
+        types = body_types(policy, max_batch)
         adapters: dict[str, TypeAdapter[Any]] = {
             kind: TypeAdapter(getattr(types, kind))
-            for kind in ("typed", "raw", "either", "typed_batch", "raw_batch")
+            for kind in ("typed", "raw", "either", "typed_batch", "raw_batch", "step_batch")
             if getattr(types, kind) is not None
         }
         found = policy.derived[key] = Validators(types, adapters, _flat_batches(policy, max_batch))

@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 GENERATORS = {"python": "python", "java": "java", "scala": "scala-sttp", "r": "r"}
 _PROPERTIES = {
     "python": "packageName=policy_client,projectName=policy-client",
+    # Java's own HTTP client and Jackson: no OkHttp, Kotlin or gson-fire to bring along.
     "java": "groupId=ai.policyserver,artifactId=policy-client,"
-    "invokerPackage=ai.policyserver.client",
+    "invokerPackage=ai.policyserver.client,library=native,openApiNullable=false,"
+    "useJakartaEe=true,hideGenerationTimestamp=true",
     "scala": "mainPackage=ai.policyserver.client",
     "r": "packageName=policyclient",
 }
