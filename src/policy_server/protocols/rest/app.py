@@ -21,11 +21,11 @@ from policy_server.metrics import Metrics
 from policy_server.protocols.auth import KeyRing, header_scheme
 from policy_server.protocols.rest.docs import install_docs
 from policy_server.protocols.rest.errors import error_response, install_error_handlers
-from policy_server.protocols.rest.openapi import install_number_formats
 from policy_server.protocols.rest.middleware.body_limits import BodySizeLimit
 from policy_server.protocols.rest.middleware.head import HeadAsGet
 from policy_server.protocols.rest.middleware.request_observer import RequestObserver
 from policy_server.protocols.rest.middleware.trailing_slash import StripTrailingSlash
+from policy_server.protocols.rest.openapi import install_number_formats
 from policy_server.protocols.rest.operations import Context, build_routes, routes_shape
 from policy_server.protocols.rest.policies import add_policy_routes
 from policy_server.protocols.rest.rewards import add_experience_routes
