@@ -16,7 +16,9 @@ WORKERS ?= 2
 .PHONY: install serve ui test lint check bench soak example clean system-bench system-test
 
 # What the suite needs from Debian's packages, as command:package; installed where missing.
-TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium
+# javac compiles the generated Java client in the SDK test.
+TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium \
+	javac:openjdk-17-jdk-headless
 
 $(BIN)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)

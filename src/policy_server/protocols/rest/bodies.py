@@ -131,10 +131,6 @@ class BodyTypes:
     typed_batch: type[BaseModel] | None  # /predict_batch
     raw_batch: type[BaseModel]  # /predict_raw_batch
 
-    @property
-    def step_batch(self) -> type[BaseModel]:  # /step_batch
-        return self.raw_batch if self.typed_batch is None else self.typed_batch
-
 
 def body_types(policy: LoadedPolicy, max_batch: int) -> BodyTypes:
     """The body types the routes of `policy` accept, on the version's own models, which its
@@ -287,9 +283,11 @@ def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
         types = body_types(policy, max_batch)
         adapters: dict[str, TypeAdapter[Any]] = {
             kind: TypeAdapter(getattr(types, kind))
-            for kind in ("typed", "raw", "either", "typed_batch", "raw_batch", "step_batch")
+            for kind in ("typed", "raw", "either", "typed_batch", "raw_batch")
             if getattr(types, kind) is not None
         }
+        # /step_batch: the typed batch, whose items may be envelopes; raw without schema fields.
+        adapters["step_batch"] = adapters.get("typed_batch") or adapters["raw_batch"]
         found = policy.derived[key] = Validators(types, adapters, _flat_batches(policy, max_batch))
     return found
 
