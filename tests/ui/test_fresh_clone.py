@@ -65,10 +65,29 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
+@contextmanager
+def policy_server_ui(
+    venv: Path, command: list[str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = clean_env(STREAMLIT_SERVER_HEADLESS="true")
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [str(venv / "bin" / command[0]), *command[1:]],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        stop_group(process)
+
+
 def wait_for_page(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + PIP_TIMEOUT_S
     while time.monotonic() < deadline:
-        assert process.poll() is None, f"make ui exited:\n{log.read_text()[-4000:]}"
+        assert process.poll() is None, f"the page exited:\n{log.read_text()[-4000:]}"
         try:
             if httpx.get(url + "/_stcore/health", timeout=2).status_code == 200:
                 return
@@ -111,6 +130,14 @@ def test_make_serve_then_make_ui_to_a_prediction(tmp_path: Path) -> None:
                     assert page.locator('[data-testid="stException"]').count() == 0
                     ARTIFACTS.mkdir(exist_ok=True)
                     page.screenshot(path=str(ARTIFACTS / "fresh-clone-ui.png"), full_page=True)
+                    # The README's other way to the page, from the same venv.
+                    other = f"http://127.0.0.1:{free_port()}"
+                    command = ["policy-server", "ui", "--ui-port", other.rsplit(":", 1)[1]]
+                    with policy_server_ui(venv, command, tmp_path / "cli-ui.log") as cli:
+                        wait_for_page(other, cli, tmp_path / "cli-ui.log")
+                        page.goto(f"{other}/?url={url}")
+                        expect(page.get_by_text("Try a policy")).to_be_visible(timeout=60_000)
+                        expect(page.get_by_label("API key")).to_be_visible(timeout=60_000)
                 finally:
                     browser.close()
     installed = subprocess.run(
