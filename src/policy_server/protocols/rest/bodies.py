@@ -5,9 +5,11 @@ envelope `{"observation": <that body>, "episode_id": ..., "step": ..., "action_m
 The envelope is told apart by `observation` holding a JSON object: no schema field can hold
 one, so a schema with a field named `observation` keeps its flat body.
 
-The same type expressions serve validation (under plain names, cached per version) and the
-OpenAPI document (under names prefixed per policy, so that each policy's components and SDK
-classes are its own).
+Validation uses the unions of both (`BodyTypes`, cached per version). The OpenAPI document
+gives each route one named model instead (`PublishedBodies`, named per policy so that each
+policy's components and SDK classes are its own): a union body makes OpenAPI Generator's SDKs
+wrap every observation, and name models after the union's members. The envelope is the same
+model in both (`_envelope`): a field added there is validated and published at once.
 """
 
 from __future__ import annotations
