@@ -127,6 +127,8 @@ def test_make_serve_then_make_ui_to_a_prediction(tmp_path: Path) -> None:
                     page.get_by_role("button", name="Get prediction").click()
                     expect(page.get_by_text("Action distribution")).to_be_visible(timeout=60_000)
                     expect(page.locator('[data-testid="stMetric"]').first).to_contain_text("1")
+                    chart = page.locator('[data-testid="stVegaLiteChart"], .vega-embed').first
+                    expect(chart).to_be_visible(timeout=30_000)
                     assert page.locator('[data-testid="stException"]').count() == 0
                     ARTIFACTS.mkdir(exist_ok=True)
                     page.screenshot(path=str(ARTIFACTS / "fresh-clone-ui.png"), full_page=True)
