@@ -49,3 +49,12 @@ def test_a_bad_step_is_a_422_naming_the_field(example_server: RunningServer) -> 
         wrong = client.post("/step", json={**STEP, "observation": {**OBSERVATION, "pole": 1}})
     assert missing.status_code == wrong.status_code == 422
     assert "pole" in wrong.text
+
+
+def test_the_step_routes_come_after_every_other(example_server: RunningServer) -> None:
+    """Routes are matched in order (the document lists them in that order): the flat routes'
+    requests never try the envelope's routes first."""
+    with example_server.client() as client:
+        paths = list(client.get("/openapi.json").json()["paths"])
+    steps = [i for i, path in enumerate(paths) if path.rsplit("/", 1)[-1].startswith("step")]
+    assert steps and min(steps) == len(paths) - len(steps)
