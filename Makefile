@@ -8,6 +8,7 @@ SERVE_EXTRAS ?= tensorflow,onnx
 EXTRAS ?= tensorflow,onnx,clients,ui,ray,examples,experience,bench,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
+UI_PORT ?= 8501
 EXAMPLE ?= examples/cartpole
 # pytest-xdist workers; the slow suites share one server per module.
 WORKERS ?= 2
@@ -15,7 +16,9 @@ WORKERS ?= 2
 .PHONY: install serve ui test lint check bench soak example clean system-bench system-test
 
 # What the suite needs from Debian's packages, as command:package; installed where missing.
-TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium
+# javac compiles the generated Java client in the SDK test.
+TEST_TOOLS ?= prometheus:prometheus docker-compose:docker-compose chromium:chromium \
+	javac:openjdk-17-jdk-headless
 
 $(BIN)/.stamp-venv:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +44,7 @@ $(BIN)/.stamp-ui: pyproject.toml $(BIN)/.stamp-venv
 
 # The demo page, on :8501; it talks to the server `make serve` runs.
 ui: $(BIN)/.stamp-ui
-	$(BIN)/streamlit run frontend.py
+	$(BIN)/streamlit run frontend.py --server.port $(UI_PORT)
 
 # ruff and mypy in seconds, in a small environment of their own (no TensorFlow, no Ray).
 CHECK_VENV ?= .venv-check

@@ -1,5 +1,6 @@
 """Start-up refuses broken policies with a message a user can act on."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -81,6 +82,29 @@ def test_broken_archive_and_missing_model_are_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not a SavedModel" in result.stderr
     (folder / "saved_model.zip").unlink()
     result = serve(folder, tmp_path)
-    assert result.returncode == 2 and "found neither saved_model.zip" in result.stderr
+    assert result.returncode == 2
+    expected = "a policy folder holds schema.yaml beside saved_model.zip (or model.onnx"
+    assert result.stderr.strip().splitlines() == [
+        f"policy-server: cannot serve: {folder}: has schema.yaml but no model; {expected}, or "
+        "an unzipped SavedModel: saved_model.pb)"
+    ]
     result = serve(tmp_path / "nowhere", tmp_path)
     assert result.returncode == 2 and "no such folder" in result.stderr
+
+
+def test_a_policy_folder_without_schema_names_both_files(tmp_path: Path) -> None:
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    shutil.copy(EXAMPLE / "saved_model.zip", folder)
+    result = serve(folder, tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line == (
+        f"policy-server: cannot serve: {folder}: has saved_model.zip but no schema.yaml; a "
+        "policy folder holds schema.yaml beside saved_model.zip (or model.onnx, or an unzipped "
+        "SavedModel: saved_model.pb)"
+    )
+    (folder / "saved_model.zip").unlink()
+    result = serve(folder, tmp_path)
+    assert result.returncode == 2
+    assert "holds no policy; expected PATH/schema.yaml beside PATH/saved_model.zip" in result.stderr

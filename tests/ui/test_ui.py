@@ -2,7 +2,6 @@
 headless Chromium (Debian's) driven by Playwright, which saves a screenshot."""
 
 import io
-import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 from policy_server.ui.backends import Backend, policy_folder_name
 from policy_server.ui.client import Target
 from policy_server.ui.page import TRAFFIC_SPLIT, UPLOAD, readable_number
+from tests.browser import launch
 from tests.policies import EXAMPLE, EXAMPLE_KEY, ROOT, shared_model
 from tests.servers import RunningServer, free_port, serving, stop
 
@@ -261,12 +261,6 @@ def streamlit_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
         stop(process)
 
 
-def chromium() -> str:
-    path = shutil.which("chromium")
-    assert path, "Chromium is missing: `make test` installs Debian's chromium package"
-    return path
-
-
 def inotify_watches(pid: int) -> int:
     watches = 0
     for info in Path(f"/proc/{pid}/fdinfo").iterdir():
@@ -285,17 +279,7 @@ def test_real_browser_fills_the_form_and_sees_the_chart(
     streamlit_url, pid = streamlit_page
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=chromium(),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(f"{streamlit_url}/?url={server.url}")

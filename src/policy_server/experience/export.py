@@ -23,9 +23,9 @@ import numpy as np
 import orjson
 
 from policy_server.experience.episodes import Episode, Experience, load_experience, propensity
+from policy_server.extras import missing_extra
 
 FORMATS = ("rllib", "parquet", "minari", "dsjson")
-EXTRA = "pip install 'policy-server[experience]'"
 
 
 def export_experience(
@@ -115,7 +115,7 @@ def _parquet(experience: Experience, out: Path | str) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as error:
-        raise ImportError(f"the parquet export needs pyarrow: {EXTRA}") from error
+        raise missing_extra("experience", "the parquet export", cause=error) from None
     rows = list(rllib_rows(experience))
     if any("vf_preds" not in row for row in rows):
         for row in rows:
@@ -130,7 +130,7 @@ def _minari(experience: Experience, out: Path | str) -> str:
         import minari
         from minari.data_collector import EpisodeBuffer
     except ImportError as error:
-        raise ImportError(f"the minari export needs minari: {EXTRA}") from error
+        raise missing_extra("experience", "the minari export", cause=error) from None
     buffers = [
         EpisodeBuffer(
             id=index,

@@ -126,21 +126,30 @@ def write_ray_config(settings: Settings, out: Path) -> None:
     print(f"wrote {out}")
 
 
+# What the page imports beyond the server's own dependencies.
+UI_MODULES = ("streamlit", "altair", "httpx")
+
+
 def run_ui(port: int) -> int:
     """`streamlit run` on the page's module; needs the `ui` extra."""
     import importlib.util
 
-    if importlib.util.find_spec("streamlit") is None:
-        print("policy-server: the page needs Streamlit: pip install 'policy-server[ui]'")
-        return 2
-    from policy_server import ui
+    from policy_server.extras import missing_extra
+
+    for module in UI_MODULES:
+        if importlib.util.find_spec(module) is None:
+            cause = ModuleNotFoundError(f"No module named {module!r}")
+            print(f"policy-server: {missing_extra('ui', 'the page', cause=cause)}", file=sys.stderr)
+            return 2
+    page = importlib.util.find_spec("policy_server.ui.page")
+    assert page is not None and page.origin is not None
 
     command = [
         sys.executable,
         "-m",
         "streamlit",
         "run",
-        str(ui.__file__),
+        page.origin,
         "--server.port",
         str(port),
         # As .streamlit/config.toml says, for a page started from any folder.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from policy_server.errors import PolicyLoadError
+from policy_server.extras import missing_extra
 from policy_server.hosting.app import build_app
 from policy_server.loading.repository import Scan, Scanner
 from policy_server.logs import configure_logging
@@ -26,10 +27,8 @@ from policy_server.settings import PolicySettings, Settings
 
 try:
     from ray import serve
-except ImportError:  # pragma: no cover - the message is the point
-    raise PolicyLoadError(
-        "`serve deploy` needs Ray Serve: pip install 'policy-server[ray]'"
-    ) from None
+except ImportError as error:  # pragma: no cover - the message is the point
+    raise missing_extra("ray", "`serve deploy`", PolicyLoadError, cause=error) from None
 
 IMPORT_PATH = "policy_server.hosting.ray_app:application"
 INGRESS = "api"

@@ -14,3 +14,8 @@ MODEL_FILES = (
     SAVED_MODEL_FILES[0],
     f"{UNZIPPED_FOLDER}/{SAVED_MODEL_FILES[0]}",
 )
+# What a first-time user is told a policy folder needs, wherever one is found lacking.
+EXPECTED = (
+    f"a policy folder holds {SCHEMA_NAME} beside {ARCHIVE_NAME} (or {ONNX_NAME}, or an "
+    f"unzipped SavedModel: {SAVED_MODEL_FILES[0]})"
+)

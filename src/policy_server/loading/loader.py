@@ -10,6 +10,7 @@ from policy_server.errors import PolicyLoadError
 from policy_server.loading.archive import extract_cached, file_digest
 from policy_server.loading.layout import (
     ARCHIVE_NAME,
+    EXPECTED,
     ONNX_NAME,
     SCHEMA_NAME,
     UNZIPPED_FOLDER,
@@ -74,10 +75,7 @@ def locate_saved_model(folder: Path, settings: Settings) -> tuple[Path, str]:
         if candidate.is_dir() and any(candidate.rglob(SAVED_MODEL_FILES[0])):
             root = find_saved_model(candidate, folder)
             return root, file_digest(root / SAVED_MODEL_FILES[0])
-    raise PolicyLoadError(
-        f"{folder}: found neither {ARCHIVE_NAME}, {ONNX_NAME} nor an unzipped SavedModel "
-        "(saved_model.pb)"
-    )
+    raise PolicyLoadError(f"{folder}: has {SCHEMA_NAME} but no model; {EXPECTED}")
 
 
 def _saved_model_runtime(

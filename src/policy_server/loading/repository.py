@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from policy_server.errors import PolicyLoadError
 from policy_server.loading.archive import file_digest
-from policy_server.loading.layout import MODEL_FILES, SCHEMA_NAME
+from policy_server.loading.layout import EXPECTED, MODEL_FILES, SCHEMA_NAME
 from policy_server.loading.rollout_spec import RolloutSpec
 
 CONFIG_NAME = "repository.yaml"
@@ -153,6 +153,9 @@ class Scanner:
                 f"{path}: is a file, not a folder; pass the folder that holds schema.yaml "
                 "and saved_model.zip"
             )
+        model = next((name for name in MODEL_FILES if (path / name).is_file()), None)
+        if model is not None and not (path / SCHEMA_NAME).is_file():
+            raise PolicyLoadError(f"{path}: has {model} but no {SCHEMA_NAME}; {EXPECTED}")
         if (path / SCHEMA_NAME).is_file():
             name = self.single_name or path.resolve().name or "policy"
             result.add(VersionSource(_checked_name(name, path), self._digest(path), path, False))
@@ -184,8 +187,9 @@ class Scanner:
 
 
 _LAYOUTS = (
-    "holds no policy; expected PATH/schema.yaml (one policy), PATH/<name>/schema.yaml "
-    "(several) or PATH/<name>/<version>/schema.yaml (a versioned repository)"
+    "holds no policy; expected PATH/schema.yaml beside PATH/saved_model.zip or model.onnx "
+    "(one policy), PATH/<name>/schema.yaml beside its model (several) or "
+    "PATH/<name>/<version>/schema.yaml beside its model (a versioned repository)"
 )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from policy_server.errors import PolicyLoadError
+from policy_server.extras import missing_extra
 from policy_server.policy.schema import PolicySchema
 from policy_server.runtime.onnx import LAYOUT_KEY, OnnxLayout, OnnxRuntime, open_session
 from policy_server.runtime.quiet import quiet_frameworks
@@ -74,10 +75,8 @@ def convert(
 def _to_onnx(runtime: TensorFlowRuntime, inputs: list[str]) -> Any:
     try:
         import tf2onnx
-    except ImportError:
-        raise PolicyLoadError(
-            "converting to ONNX needs tf2onnx: pip install 'policy-server[onnx]'"
-        ) from None
+    except ImportError as error:
+        raise missing_extra("onnx", "converting to ONNX", PolicyLoadError, cause=error) from None
     frozen = runtime.frozen
     with quiet_frameworks():
         try:

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import PolicyLoadError
+from policy_server.extras import missing_extra
 from policy_server.policy.spaces import ActionSpace, space_from_dict
 from policy_server.runtime.base import (
     InputRoles,
@@ -97,10 +98,8 @@ def tensor_infos(values: Any) -> dict[str, TensorInfo]:
 def import_onnxruntime() -> Any:
     try:
         import onnxruntime
-    except ImportError:
-        raise PolicyLoadError(
-            "the ONNX runtime needs onnxruntime: pip install 'policy-server[onnx]'"
-        ) from None
+    except ImportError as error:
+        raise missing_extra("onnx", "the ONNX runtime", PolicyLoadError, cause=error) from None
     return onnxruntime
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import PolicyLoadError
+from policy_server.extras import missing_extra
 from policy_server.policy.schema import Parameters
 from policy_server.runtime.base import (
     InputRoles,
@@ -53,10 +54,9 @@ def import_tensorflow() -> Any:
         try:
             with native_notices_dropped():
                 importlib.import_module("tensorflow")
-        except ImportError:
-            raise PolicyLoadError(
-                "serving a SavedModel needs TensorFlow: pip install 'policy-server[tensorflow]'"
-            ) from None
+        except ImportError as error:
+            what = "serving a SavedModel"
+            raise missing_extra("tensorflow", what, PolicyLoadError, cause=error) from None
     quiet_framework_loggers()
     return sys.modules["tensorflow"]
 

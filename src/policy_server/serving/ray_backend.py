@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from policy_server.errors import BackendUnavailable, PolicyLoadError
+from policy_server.extras import missing_extra
 from policy_server.runtime.base import ModelOutputs, StepInputs
 from policy_server.serving.registry import PolicyVersion
 from policy_server.settings import PolicySettings, Settings
@@ -26,10 +27,8 @@ from policy_server.settings import PolicySettings, Settings
 try:
     import ray
     from ray import serve
-except ImportError:  # pragma: no cover - the message is the point
-    raise PolicyLoadError(
-        "the Ray backend needs Ray Serve: pip install 'policy-server[ray]'"
-    ) from None
+except ImportError as error:  # pragma: no cover - the message is the point
+    raise missing_extra("ray", "the Ray backend", PolicyLoadError, cause=error) from None
 
 logger = logging.getLogger(__name__)
 

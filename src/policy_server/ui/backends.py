@@ -14,7 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from policy_server.extras import missing_extra
+
+try:
+    import httpx
+except ImportError as error:
+    raise missing_extra("ui", "the demo page", cause=error) from None
 
 from policy_server.loading.layout import ARCHIVE_NAME, SCHEMA_NAME
 from policy_server.ui.client import ServerError

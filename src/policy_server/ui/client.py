@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+from policy_server.extras import missing_extra
+
+try:
+    import httpx
+except ImportError as error:
+    raise missing_extra("ui", "the demo page", cause=error) from None
 
 
 class ServerError(Exception):

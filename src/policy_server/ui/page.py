@@ -13,11 +13,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import altair as alt
-import pandas as pd
-import streamlit as st
-
 from policy_server.errors import PolicyLoadError
+from policy_server.extras import missing_extra
+
+try:
+    import altair as alt
+    import pandas as pd
+    import streamlit as st
+except ImportError as error:
+    raise missing_extra("ui", "the demo page", cause=error) from None
+
 from policy_server.loading.layout import SCHEMA_NAME
 from policy_server.policy.schema import load_schema
 from policy_server.ui.backends import Backend, start_backend, start_upload

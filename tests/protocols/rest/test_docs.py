@@ -17,9 +17,10 @@ from pydantic import SecretStr
 from policy_server.hosting.app import build_app
 from policy_server.protocols.rest.docs import ASSETS_URL, install_docs
 from policy_server.settings import Settings
+from tests.browser import chromium
 from tests.policies import EXAMPLE, EXAMPLE_KEY
 from tests.servers import free_port
-from tests.ui.test_ui import ARTIFACTS, chromium
+from tests.ui.test_ui import ARTIFACTS
 
 BROWSER_ARGS = [
     "--headless",

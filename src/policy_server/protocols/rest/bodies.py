@@ -5,9 +5,11 @@ envelope `{"observation": <that body>, "episode_id": ..., "step": ..., "action_m
 The envelope is told apart by `observation` holding a JSON object: no schema field can hold
 one, so a schema with a field named `observation` keeps its flat body.
 
-The same type expressions serve validation (under plain names, cached per version) and the
-OpenAPI document (under names prefixed per policy, so that each policy's components and SDK
-classes are its own).
+Validation uses the unions of both (`BodyTypes`, cached per version). The OpenAPI document
+gives each route one named model instead (`PublishedBodies`, named per policy so that each
+policy's components and SDK classes are its own): a union body makes OpenAPI Generator's SDKs
+wrap every observation, and name models after the union's members. The envelope is the same
+model in both (`_envelope`): a field added there is validated and published at once.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from policy_server.serving.service import Episode
 TYPED, RAW, FLAT, ENVELOPE = "<typed>", "<raw>", "<flat>", "<envelope>"
 # One type, not a union: an error names the value, not a union member.
 MaskValue = Literal[0, 1, True, False]
+# A mask row that forbids every action is refused.
+_ALLOWED: JsonDict = {"contains": {"enum": [1, True]}}
 
 
 def _is_envelope(body: Any) -> bool:
@@ -120,9 +124,13 @@ def _recurrent_fields(policy: LoadedPolicy) -> dict[str, Any]:
 
 
 def _envelope(
-    name: str, observation: Any, sizes: tuple[int, ...], recurrent: dict[str, Any]
+    name: str,
+    observation: Any,
+    sizes: tuple[int, ...],
+    recurrent: dict[str, Any],
+    published: bool = False,
 ) -> type[BaseModel]:
-    mask = _mask_type(sizes)
+    mask = _published_mask_type(sizes) if published else _mask_type(sizes)
     return create_model(
         name,
         __config__=ConfigDict(extra="forbid"),
@@ -179,35 +187,68 @@ class BodyTypes:
     raw_batch: type[BaseModel]  # /predict_raw_batch
 
 
-def body_types(policy: LoadedPolicy, prefix: str, max_batch: int) -> BodyTypes:
-    """The body types of `policy`, their components named `<prefix>Observation` etc."""
+def body_types(policy: LoadedPolicy, max_batch: int) -> BodyTypes:
+    """The body types the routes of `policy` accept, on the version's own models, which its
+    vectorizer recognises."""
     width = policy.runtime.observation_width
     sizes = _mask_sizes(policy)
     recurrent = _recurrent_fields(policy)
-    if prefix:
-        typed_model = observation_model(policy.schema, f"{prefix}Observation")
-        raw_model = raw_observation_model(width, f"{prefix}RawObservation")
-    else:  # the version's own models, which its vectorizer recognises
-        typed_model, raw_model = policy.observation_model, policy.raw_model
+    typed_model, raw_model = policy.observation_model, policy.raw_model
     raw = _flat_or_envelope(
-        raw_model, _envelope(f"{prefix}RawObservationEnvelope", raw_model, sizes, recurrent)
+        raw_model, _envelope("RawObservationEnvelope", raw_model, sizes, recurrent)
     )
     vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
     raw_item = _flat_or_envelope(
-        vector, _envelope(f"{prefix}RawVectorEnvelope", raw_model, sizes, recurrent)
+        vector, _envelope("RawVectorEnvelope", raw_model, sizes, recurrent)
     )
-    raw_batch = _batch(f"{prefix}RawObservationBatch", raw_item, max_batch, width)
+    raw_batch = _batch("RawObservationBatch", raw_item, max_batch, width)
     if typed_model is None:
         return BodyTypes(None, raw, raw, None, raw_batch)
     typed = _flat_or_envelope(
-        typed_model, _envelope(f"{prefix}ObservationEnvelope", typed_model, sizes, recurrent)
+        typed_model, _envelope("ObservationEnvelope", typed_model, sizes, recurrent)
     )
     either_flat = _typed_or_raw(typed_model, raw_model)
     either = _flat_or_envelope(
-        either_flat, _envelope(f"{prefix}ObservationOrRawEnvelope", either_flat, sizes, recurrent)
+        either_flat, _envelope("ObservationOrRawEnvelope", either_flat, sizes, recurrent)
     )
-    typed_batch = _batch(f"{prefix}ObservationBatch", typed, max_batch, None)
+    typed_batch = _batch("ObservationBatch", typed, max_batch, None)
     return BodyTypes(typed, raw, either, typed_batch, raw_batch)
+
+
+@dataclass(frozen=True)
+class PublishedBodies:
+    """What the OpenAPI document says each route takes: one named model per operation, never
+    a union, so that OpenAPI Generator's SDKs take it as it is (`predict(observation)`) and
+    name no model after a union member (`Observation1`). The routes accept more than they
+    publish (see BodyTypes): every flat route also takes the envelope, which the document
+    gives routes of its own, `.../step*`, whose body is `Step`."""
+
+    observation: type[BaseModel]  # Observation, or RawObservation without schema fields
+    raw: type[BaseModel]
+    batch: type[BaseModel]
+    raw_batch: type[BaseModel]
+    step: type[BaseModel]
+    step_batch: type[BaseModel]
+
+
+def published_bodies(policy: LoadedPolicy, prefix: str, max_batch: int) -> PublishedBodies:
+    """The bodies of `policy`'s routes as the document names them: `<prefix>Observation`,
+    `<prefix>Step`, ..., the same names whatever else is served."""
+    width = policy.runtime.observation_width
+    raw = raw_observation_model(width, f"{prefix}RawObservation")
+    typed = observation_model(policy.schema, f"{prefix}Observation")
+    observation = raw if typed is None else typed
+    vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
+    recurrent = _recurrent_fields(policy)
+    step = _envelope(f"{prefix}Step", observation, _mask_sizes(policy), recurrent, published=True)
+    return PublishedBodies(
+        observation=observation,
+        raw=raw,
+        batch=_batch(f"{prefix}ObservationBatch", observation, max_batch, None),
+        raw_batch=_batch(f"{prefix}RawObservationBatch", vector, max_batch, width),
+        step=step,
+        step_batch=_batch(f"{prefix}StepBatch", step, max_batch, None),
+    )
 
 
 def _mask_type(sizes: tuple[int, ...]) -> Any:
@@ -215,13 +256,23 @@ def _mask_type(sizes: tuple[int, ...]) -> Any:
     null for a continuous action space."""
     if not sizes:
         return None
-    # A row that forbids every action is refused.
-    allowed: JsonDict = {"contains": {"enum": [1, True]}}
     rows = tuple(
-        Annotated[list[MaskValue], Field(min_length=n, max_length=n, json_schema_extra=allowed)]
+        Annotated[list[MaskValue], Field(min_length=n, max_length=n, json_schema_extra=_ALLOWED)]
         for n in sizes
     )
     return tuple[rows] | None  # type: ignore[valid-type]
+
+
+def _published_mask_type(sizes: tuple[int, ...]) -> Any:
+    """The mask as the document gives it: where every component has as many actions, a list
+    of booleans per component, which SDKs type as such; OpenAPI Generator types a tuple
+    (`prefixItems`, for components of several sizes) as a list of anything. The routes take
+    0/1 too (`_mask_type`)."""
+    if len(set(sizes)) != 1:
+        return _mask_type(sizes)
+    [size] = set(sizes)
+    row = Annotated[list[bool], Field(min_length=size, max_length=size, json_schema_extra=_ALLOWED)]
+    return Annotated[list[row], Field(min_length=len(sizes), max_length=len(sizes))] | None
 
 
 def _mask_sizes(policy: LoadedPolicy) -> tuple[int, ...]:
@@ -308,12 +359,14 @@ def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
     key = f"api.validators.{max_batch}"
     found: Validators | None = policy.derived.get(key)
     if found is None:
-        types = body_types(policy, "", max_batch)
+        types = body_types(policy, max_batch)
         adapters: dict[str, TypeAdapter[Any]] = {
             kind: TypeAdapter(getattr(types, kind))
             for kind in ("typed", "raw", "either", "typed_batch", "raw_batch")
             if getattr(types, kind) is not None
         }
+        # /step_batch: the typed batch, whose items may be envelopes; raw without schema fields.
+        adapters["step_batch"] = adapters.get("typed_batch") or adapters["raw_batch"]
         found = policy.derived[key] = Validators(types, adapters, _flat_batches(policy, max_batch))
     return found
 

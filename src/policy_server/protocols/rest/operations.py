@@ -32,8 +32,8 @@ from policy_server.protocols.auth import KeyRing, header_scheme
 from policy_server.protocols.rest.bodies import (
     Parsed,
     batch_limit,
-    body_types,
     flat_rows,
+    published_bodies,
     rows_of,
     same_layout,
     unwrap,
@@ -59,7 +59,8 @@ from policy_server.serving.service import Group, PolicyService, Prediction
 SEED_MAX = 2**63 - 1
 _DIGITS = re.compile(rb"^[0-9]{1,19}$")
 Handler = Callable[[Request], Awaitable[Response]]
-BodyKind = Literal["typed", "raw", "either", "typed_batch", "raw_batch"]
+# Which body a route accepts (an attribute of BodyTypes).
+BodyKind = Literal["typed", "raw", "either", "typed_batch", "raw_batch", "step_batch"]
 Mode = Literal["sample", "mode", "distribution"]
 
 
@@ -70,6 +71,10 @@ class Operation:
     kind: BodyKind
     mode: Mode
     summary: str
+    # The body the OpenAPI document names (an attribute of PublishedBodies), and the name of
+    # the SDK methods' parameter for it.
+    published: str
+    parameter: str
 
     @property
     def batch(self) -> bool:
@@ -79,10 +84,20 @@ class Operation:
     def seeded(self) -> bool:
         return self.mode == "sample"
 
+    @property
+    def envelope(self) -> bool:
+        return self.published.startswith("step")
+
 
 OPERATIONS = (
     Operation(
-        "/predict", "predict", "typed", "sample", "Sample the action for a typed observation"
+        "/predict",
+        "predict",
+        "typed",
+        "sample",
+        "Sample the action for a typed observation",
+        "observation",
+        "observation",
     ),
     Operation(
         "/predict_batch",
@@ -90,9 +105,17 @@ OPERATIONS = (
         "typed_batch",
         "sample",
         "Sample the actions for a list of typed observations",
+        "batch",
+        "batch",
     ),
     Operation(
-        "/predict_raw", "predictRaw", "raw", "sample", "Sample the action for a raw observation"
+        "/predict_raw",
+        "predictRaw",
+        "raw",
+        "sample",
+        "Sample the action for a raw observation",
+        "raw",
+        "observation",
     ),
     Operation(
         "/predict_raw_batch",
@@ -100,6 +123,8 @@ OPERATIONS = (
         "raw_batch",
         "sample",
         "Sample the actions for a list of raw observation vectors",
+        "raw_batch",
+        "batch",
     ),
     Operation(
         "/predict_deterministic",
@@ -107,6 +132,8 @@ OPERATIONS = (
         "either",
         "mode",
         "The most likely action (argmax per component, the mean if continuous)",
+        "observation",
+        "observation",
     ),
     Operation(
         "/distribution",
@@ -114,6 +141,47 @@ OPERATIONS = (
         "either",
         "distribution",
         "The exact action distribution, computed from the policy's logits",
+        "observation",
+        "observation",
+    ),
+    # The envelope's own operations: the flat routes above take it too, but a body the
+    # document gave as a union of the two would make SDKs wrap every observation.
+    Operation(
+        "/step",
+        "step",
+        "either",
+        "sample",
+        "Sample the action for one step of an episode (an observation with its episode "
+        "and action mask)",
+        "step",
+        "step",
+    ),
+    Operation(
+        "/step_batch",
+        "stepBatch",
+        "step_batch",
+        "sample",
+        "Sample the actions for a list of steps",
+        "step_batch",
+        "batch",
+    ),
+    Operation(
+        "/step_deterministic",
+        "stepDeterministic",
+        "either",
+        "mode",
+        "The most likely action for one step of an episode",
+        "step",
+        "step",
+    ),
+    Operation(
+        "/step_distribution",
+        "stepDistribution",
+        "either",
+        "distribution",
+        "The exact action distribution for one step of an episode",
+        "step",
+        "step",
     ),
 )
 
@@ -176,7 +244,9 @@ class Context:
     keys: KeyRing
     max_body_bytes: int = 8 * 1024**2
     # The route sets built last, by what they describe; see build_routes.
-    built: dict[tuple[object, ...], list[PolicyRoute]] = field(default_factory=dict)
+    built: dict[tuple[object, ...], tuple[list[PolicyRoute], list[PolicyRoute]]] = field(
+        default_factory=dict
+    )
 
     @property
     def registry(self) -> PolicyRegistry:
@@ -242,8 +312,11 @@ def build_routes(context: Context) -> list[PolicyRoute]:
     """Every policy's routes, described by each policy's primary version."""
     registry = context.registry
     routes: list[PolicyRoute] = []
+    # The envelope's routes come after every other: routes are matched in order, so the
+    # flat routes' requests never try them.
+    steps: list[PolicyRoute] = []
     models: dict[tuple[str, str], Any] = {}
-    built: dict[tuple[object, ...], list[PolicyRoute]] = {}
+    built: dict[tuple[object, ...], tuple[list[PolicyRoute], list[PolicyRoute]]] = {}
     for entry in registry.entries():
         primary = entry.primary
         if primary is None:
@@ -283,9 +356,10 @@ def build_routes(context: Context) -> list[PolicyRoute]:
             if found is None:
                 found = _routes_of(context, entry, policy, route_set, models)
             built[key] = found
-            routes += found
+            routes += found[0]
+            steps += found[1]
     context.built = built
-    return routes
+    return routes + steps
 
 
 def _routes_of(
@@ -294,27 +368,29 @@ def _routes_of(
     policy: LoadedPolicy,
     rs: RouteSet,
     models: dict[tuple[str, str], Any],
-) -> list[PolicyRoute]:
+) -> tuple[list[PolicyRoute], list[PolicyRoute]]:
+    """The route set's flat routes, and its envelope routes."""
     key = (rs.policy, rs.prefix)
     if key not in models:
         limit = BatchLimit(entry.settings.max_batch_observations, context.max_body_bytes)
         models[key] = _docs_models(policy, rs.prefix, limit.of(policy))
-    types, responses = models[key]
+    published, responses = models[key]
     errors = body_limit_responses(context.max_body_bytes) | POLICY_RESPONSES | TIMEOUT_RESPONSES
     dependencies = [Security(header_scheme)] if context.keys.policy_keys(entry) is not None else []
-    routes = []
+    routes: list[PolicyRoute] = []
+    steps: list[PolicyRoute] = []
     for pinned in (False, True):
         base = rs.base + ("/versions/{version}" if pinned else "")
         suffix = "Version" if pinned else ""
         for operation in OPERATIONS:
-            body_type = getattr(types, operation.kind)
-            if body_type is None:
+            if operation.kind in ("typed", "typed_batch") and not policy.schema.has_observations:
                 continue
             op_id = _op_id(rs.op_prefix, operation.operation_id) + suffix
-            routes.append(
+            body_type = getattr(published, operation.published)
+            (steps if operation.envelope else routes).append(
                 PolicyRoute(
                     base + operation.path,
-                    _docs_endpoint(body_type, operation.seeded, pinned, f"{pascal(op_id)}Request"),
+                    _docs_endpoint(body_type, operation.seeded, pinned),
                     PredictionHandler(context, operation, rs.name, pinned),
                     methods=["POST"],
                     operation_id=op_id,
@@ -323,12 +399,14 @@ def _routes_of(
                     response_model=responses[operation.mode if not operation.batch else "batch"],
                     responses=errors,
                     dependencies=dependencies,
+                    # OpenAPI Generator names the SDK methods' body parameter after it.
+                    openapi_extra={"x-codegen-request-body-name": operation.parameter},
                 )
             )
         routes.append(
             PolicyRoute(
                 base + "/schema",
-                _docs_endpoint(None, False, pinned, ""),
+                _docs_endpoint(None, False, pinned),
                 SchemaHandler(context, rs.name, pinned),
                 methods=["GET"],
                 operation_id=_op_id(rs.op_prefix, "getSchema") + suffix,
@@ -339,7 +417,7 @@ def _routes_of(
                 dependencies=dependencies,
             )
         )
-    return routes
+    return routes, steps
 
 
 def _op_id(prefix: str, operation: str) -> str:
@@ -355,10 +433,10 @@ def _docs_models(policy: LoadedPolicy, prefix: str, max_batch: int) -> tuple[Any
         "batch": prediction_batch_model(prediction, prefix),
         "distribution": distribution_model(space, prefix),
     }
-    return body_types(policy, prefix, max_batch), responses
+    return published_bodies(policy, prefix, max_batch), responses
 
 
-def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool, title: str) -> Callable[..., Any]:
+def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool) -> Callable[..., Any]:
     """A function whose signature tells FastAPI what the route takes; it is never called."""
 
     async def endpoint(**_: Any) -> None:  # pragma: no cover - never called
@@ -378,8 +456,7 @@ def _docs_endpoint(body_type: Any, seeded: bool, pinned: bool, title: str) -> Ca
             inspect.Parameter(
                 "body",
                 inspect.Parameter.KEYWORD_ONLY,
-                # A union body is named by its title; SDK generators name its class after it.
-                annotation=Annotated[body_type, Body(title=title)],
+                annotation=Annotated[body_type, Body()],
             )
         )
     if seeded:

