@@ -16,10 +16,11 @@ from policy_server.protocols.auth import KeyRing
 from policy_server.protocols.rest.app import create_app
 from policy_server.serving.episodes import EpisodeStore, LocalEpisodes
 from policy_server.serving.lifecycle import PolicyManager
-from policy_server.serving.observers import ActionMetrics, DecisionLogger, ShadowScorer
+from policy_server.serving.observers import ActionMetrics, DecisionLogger
 from policy_server.serving.registry import PolicyRegistry, PolicyVersion
 from policy_server.serving.rollout.controller import RolloutController
 from policy_server.serving.service import ModelCaller, Observer, PolicyService, local_caller
+from policy_server.serving.shadow import ShadowScorer
 from policy_server.settings import Settings
 
 CallerHook = Callable[[PolicyVersion, Metrics], Awaitable[ModelCaller]]

@@ -19,7 +19,7 @@ from policy_server.protocols.rest.models import (
     RecurrentInfo,
     VersionInfo,
 )
-from policy_server.protocols.rest.operations import json_response
+from policy_server.protocols.rest.responses import json_response
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry
 from policy_server.serving.rollout.controller import RolloutController
