@@ -13,7 +13,7 @@ EXAMPLE ?= examples/cartpole
 # pytest-xdist workers; the slow suites share one server per module.
 WORKERS ?= 2
 
-.PHONY: install serve ui test lint check bench soak example clean system-bench system-test
+.PHONY: install serve ui test test-fast lint check bench soak example clean system-bench system-test
 
 # What the suite needs from Debian's packages, as command:package; installed where missing.
 # javac compiles the generated Java client in the SDK test.
@@ -70,6 +70,16 @@ system-test:
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+# The in-process tests: no server process, no browser (CONTRIBUTING.md).
+FAST_TESTS ?= tests/test_layers.py tests/policy tests/loading/test_archive.py \
+	tests/experience/test_records.py tests/serving/test_registry.py tests/serving/test_service.py \
+	tests/serving/test_lifecycle.py tests/serving/test_batching.py tests/serving/test_requests.py \
+	tests/serving/test_slow_models.py tests/serving/test_episode_store.py \
+	tests/hosting/test_lazy_app.py tests/hosting/test_shared_state.py
+
+test-fast: install
+	$(BIN)/pytest -n $(WORKERS) $(FAST_TESTS)
 
 test: install lint system-test
 	$(BIN)/pytest -n $(WORKERS) --dist loadfile
