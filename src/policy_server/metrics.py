@@ -42,10 +42,11 @@ class Metrics:
             self.registry.register(collector)
         self.requests = Counter(
             "policy_server_requests",
-            "HTTP requests answered, by route template, method, status code (`code`, as in "
-            "Prometheus' own HTTP instrumentation), and the policy and version that answered "
-            "(empty when none did).",
-            ["route", "method", "code", "policy", "version"],
+            "Requests answered, by route template (a gRPC method's path), method, status "
+            "code (`code`, as in Prometheus' own HTTP instrumentation; a gRPC status name), "
+            "protocol (rest, v2, grpc), and the policy and version that answered (empty "
+            "when none did).",
+            ["route", "method", "code", "protocol", "policy", "version"],
             registry=self.registry,
         )
         self.requests_in_flight = Gauge(
@@ -56,9 +57,9 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "policy_server_request_duration_seconds",
-            "Time from the request's arrival to its response, by route template, policy and "
-            "version.",
-            ["route", "policy", "version"],
+            "Time from the request's arrival to its response, by route template, protocol, "
+            "policy and version.",
+            ["route", "protocol", "policy", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -149,6 +150,19 @@ class Metrics:
                 child = self._action_children.pop(key)
                 del child
                 self.actions.remove(name, version, str(key[2]), str(key[3]))
+
+    def count_request(
+        self,
+        route: str,
+        method: str,
+        code: str,
+        protocol: str,
+        answered: tuple[str, str],
+        seconds: float,
+    ) -> None:
+        policy, version = answered
+        self.requests.labels(route, method, code, protocol, policy, version).inc()
+        self.request_duration.labels(route, protocol, policy, version).observe(seconds)
 
     def batch_observer(self, policy: str, version: str) -> Callable[[int, float], None]:
         size = self.batch_size.labels(policy, version)

@@ -81,7 +81,11 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
     try:
         with _abandoned_on_sigterm():
             app = build_app(
-                settings, worker=str(index), managers=manager, steps=SharedSteps(run.steps)
+                settings,
+                worker=str(index),
+                managers=manager,
+                steps=SharedSteps(run.steps),
+                grpc=True,
             )
     except PolicyLoadError as error:
         run.startup_error.write_text(str(error))

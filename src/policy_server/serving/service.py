@@ -56,6 +56,17 @@ class DistributionResult:
 
 
 @dataclass(frozen=True)
+class Decisions:
+    """One call's answers and what they were made of: the logits (masked), the model's
+    outputs and the chosen actions, each with one row per observation."""
+
+    predictions: list[Prediction]
+    logits: npt.NDArray[np.floating[Any]]
+    outputs: ModelOutputs
+    chosen: Actions
+
+
+@dataclass(frozen=True)
 class Episode:
     """What a request says of the episode it belongs to."""
 
@@ -139,6 +150,23 @@ class PolicyService:
         seed: int | None = None,
     ) -> list[Prediction]:
         """Decisions for observation rows of shape (batch, the model's input width)."""
+        decisions = await self.decide(
+            version, rows, episodes=episodes, masks=masks, deterministic=deterministic, seed=seed
+        )
+        return decisions.predictions
+
+    async def decide(
+        self,
+        version: PolicyVersion,
+        rows: npt.NDArray[np.float32],
+        *,
+        episodes: Sequence[Episode] | None = None,
+        masks: Sequence[list[list[Any]] | None] | None = None,
+        deterministic: bool = False,
+        seed: int | None = None,
+    ) -> Decisions:
+        """`predict`, with the arrays the answers were made of, for protocols that answer
+        with tensors (the Open Inference Protocol): no per-row conversion back."""
         policy = version.loaded
         mask = self._masks(version, masks, len(rows))
         outputs, logits = await self._logits(version, rows, mask)
@@ -154,7 +182,7 @@ class PolicyService:
             )
             for observer in self.observers:
                 await observer.observe(event)
-        return predictions
+        return Decisions(predictions, logits, outputs, chosen)
 
     async def distribution(
         self,

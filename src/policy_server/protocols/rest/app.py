@@ -6,8 +6,9 @@ that set or a policy's schema changes (a reload), with the OpenAPI document rebu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from fastapi import Depends, FastAPI, Security
 from starlette.middleware.cors import CORSMiddleware
@@ -51,6 +52,14 @@ async def _log_unavailable(_: Request, error: Exception) -> Response:
     return error_response(503, "decision_log_unavailable", f"the decision log failed: {error}")
 
 
+class Service(Protocol):
+    """A server beside the HTTP one, started and stopped with the app (the gRPC port)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def create_app(
     service: PolicyService,
     manager: PolicyManager,
@@ -59,6 +68,8 @@ def create_app(
     metrics: Metrics,
     log: DecisionLog | None = None,
     closing: list[Callable[[], None]] | None = None,
+    routes: Sequence[BaseRoute] = (),
+    services: Sequence[Service] = (),
 ) -> FastAPI:
     registry = service.registry
     builder = ClientBuilder(
@@ -74,11 +85,15 @@ def create_app(
         if settings.metrics_port:
             metrics.serve(settings.host, settings.metrics_port)
         await manager.start()
+        for server in services:
+            await server.start()
         if builder.languages:
             builder.start()
         try:
             yield
         finally:
+            for server in services:
+                await server.stop()
             await manager.close()
             for close in closing or []:
                 close()
@@ -113,6 +128,7 @@ def create_app(
         return "ok"
 
     add_policy_routes(app.router, registry, manager, keys)
+    app.router.routes.extend(routes)  # the other protocols' routes (the V2 routes)
     if log is not None:
         add_experience_routes(app.router, registry, service, keys, log)
         app.add_exception_handler(DecisionLogClosed, _log_unavailable)

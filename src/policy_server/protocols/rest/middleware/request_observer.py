@@ -6,15 +6,13 @@ Only the path is logged, never the query string or headers, so an API key sent a
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from policy_server.logs import log_request
 from policy_server.metrics import Metrics
-
-access_log = logging.getLogger("policy_server.access")
 
 
 class RequestObserver:
@@ -50,24 +48,23 @@ class RequestObserver:
         # one label so that scanning for URLs cannot explode the metric's cardinality.
         route = scope.get("route")
         template = getattr(route, "path", "unmatched")
+        # Routes of another protocol than the native one say so (the V2 routes).
+        protocol = getattr(route, "protocol", "rest")
         # The handler names the policy and version that answered, when one did.
-        policy, version = scope.get("policy_server.answered", ("", ""))
-        self.metrics.requests.labels(template, scope["method"], str(status), policy, version).inc()
-        self.metrics.request_duration.labels(template, policy, version).observe(seconds)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id.decode("ascii", "replace"),
-                    "method": scope["method"],
-                    "route": template,
-                    "path": scope["path"],
-                    "status": status,
-                    "latency_ms": round(seconds * 1000, 3),
-                    "policy": policy,
-                    "version": version,
-                },
-            )
+        answered = scope.get("policy_server.answered", ("", ""))
+        self.metrics.count_request(
+            template, scope["method"], str(status), protocol, answered, seconds
+        )
+        log_request(
+            request_id.decode("ascii", "replace"),
+            scope["method"],
+            template,
+            scope["path"],
+            status,
+            protocol,
+            answered,
+            seconds,
+        )
 
 
 def _request_id(scope: Scope) -> bytes:
