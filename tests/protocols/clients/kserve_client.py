@@ -18,9 +18,9 @@ from kserve import (
     InferenceRESTClient,
     InferInput,
     InferRequest,
-    RequestedOutput,
     RESTConfig,
 )
+from kserve.protocol.infer_type import RequestedOutput
 
 
 def request(operation):
