@@ -103,6 +103,8 @@ def main():
     results = []
     for operation in json.loads(sys.argv[2]):
         try:
+            if operation.get("new_connection"):
+                client = client_module.InferenceServerClient(url=sys.argv[1])
             results.append({"ok": run(client, operation)})
         except InferenceServerException as error:
             results.append({"error": {"status": error.status(), "message": error.message()}})

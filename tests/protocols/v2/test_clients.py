@@ -360,3 +360,24 @@ def test_health_and_metadata_need_no_key_but_models_do(server: OipServer) -> Non
         assert http.get("/v2").status_code == 200
         assert http.get("/v2/models/cartpole").status_code == 401
         assert http.get("/v2/models/cartpole/ready").status_code == 401
+
+
+def test_every_worker_serves_grpc_on_the_shared_port(
+    cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("oip-workers")
+    grpc_port = free_port()
+    command = serve_command(
+        EXAMPLE, cache_dir, "--workers", "2", "--api-key", KEY, "--grpc-port", str(grpc_port)
+    )
+    command[0] = str(client_python("triton"))
+    infer = {"op": "infer", "model": "cartpole", "key": KEY, "inputs": observations(ROWS)}
+    operations = [infer | {"new_connection": True}] * 16
+    with run_server(command, tmp, KEY) as running:
+        deadline = time.monotonic() + 120
+        while running.output().count("gRPC (Open Inference Protocol) on") < 2:
+            assert time.monotonic() < deadline, running.output()
+            time.sleep(0.5)
+        address = f"127.0.0.1:{grpc_port}"
+        results = run_client("triton", "triton_grpc.py", address, json.dumps(operations))
+    assert all(ok(result)["outputs"]["actions"] for result in results)
