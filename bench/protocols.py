@@ -55,7 +55,7 @@ def measure_protocols(target: Target, cache: Path, duration: int) -> dict[str, A
         figures["oip_predict_c32"] = wrk(
             server.url + "/predict", target.observation, target.key, 32, duration
         )
-        message = _grpc_message(python, name, metadata, target.observation)
+        message = _grpc_message(python, name, metadata, target.observation, grpc_port, target.key)
         figures["oip_grpc_c32"] = _h2load(grpc_port, message, target.key, duration)
         batch = {"observations": [target.observation] * BATCH}
         figures["oip_batch_json"] = wrk(
@@ -94,10 +94,16 @@ def _binary_batch(metadata: dict[str, Any], observation: dict[str, Any]) -> tupl
 
 
 def _grpc_message(
-    python: str, name: str, metadata: dict[str, Any], observation: dict[str, Any]
+    python: str,
+    name: str,
+    metadata: dict[str, Any],
+    observation: dict[str, Any],
+    port: int,
+    key: str,
 ) -> bytes:
     """One ModelInferRequest with raw contents, framed as gRPC sends it (a flag byte and
-    the length), built with tritonclient's messages in the server's Python."""
+    the length), built with tritonclient's messages in the server's Python, and answered
+    once with its outputs: h2load counts HTTP statuses, and a gRPC error is a 200 too."""
     tensors = [(n, d, s, b.hex()) for n, d, s, b in _tensors(metadata, observation, 1)]
     script = (
         "import json, sys\n"
@@ -107,10 +113,18 @@ def _grpc_message(
         "for n, d, s, b in tensors:\n"
         "    request.inputs.add(name=n, datatype=d, shape=s)\n"
         "    request.raw_input_contents.append(bytes.fromhex(b))\n"
+        "import grpc\n"
+        "channel = grpc.insecure_channel(sys.argv[2])\n"
+        "infer = channel.unary_unary('/inference.GRPCInferenceService/ModelInfer',\n"
+        "    pb.ModelInferRequest.SerializeToString, pb.ModelInferResponse.FromString)\n"
+        "assert infer(request, metadata=[('access-token', sys.argv[3])]).raw_output_contents\n"
         "sys.stdout.buffer.write(request.SerializeToString())\n"
     )
+    address = f"127.0.0.1:{port}"
     built = subprocess.run(
-        [python, "-c", script, json.dumps([name, tensors])], capture_output=True, check=True
+        [python, "-c", script, json.dumps([name, tensors]), address, key],
+        capture_output=True,
+        check=True,
     )
     return b"\0" + len(built.stdout).to_bytes(4, "big") + built.stdout
 
