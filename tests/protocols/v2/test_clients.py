@@ -5,7 +5,10 @@ InferenceRESTClient (protocol v2) and InferenceGRPCClient, each in a process of 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from tests.conftest import (
     serve_command,
 )
 from tests.oip import client_python, run_client
+from tests.test_metrics import samples
 
 KEY = "oip-test-key"
 CARTPOLE = ["cart_position", "cart_velocity", "pole_angle", "pole_angular_velocity"]
@@ -39,6 +43,7 @@ class OipServer:
     grpc_address: str
     log: Path
     scheduling: bool  # whether the real Pathmind policies are served too
+    metrics: str
 
     @property
     def address(self) -> str:
@@ -54,11 +59,13 @@ def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         DEPLOYMENT / "saved_model.zip"
     ).is_file()
     paths = [str(SCHEDULING), str(DEPLOYMENT)] if shared else []
-    grpc_port = free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     log = tmp / "decisions"
     command = serve_command(
         EXAMPLE,
         cache_dir,
+        "--metrics-port",
+        str(metrics_port),
         "--api-key",
         KEY,
         "--grpc-port",
@@ -70,7 +77,8 @@ def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     command[at:at] = paths
     command[0] = str(client_python("triton"))  # serves gRPC with tritonclient's messages
     with run_server(command, tmp, KEY) as running:
-        yield OipServer(running, f"127.0.0.1:{grpc_port}", log, shared)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield OipServer(running, f"127.0.0.1:{grpc_port}", log, shared, metrics)
 
 
 def fields(rows: list[list[float]]) -> dict[str, Any]:
@@ -291,6 +299,24 @@ def test_tritonclient_grpc_and_a_sequence_over_one_stream(server: OipServer) -> 
     check_sequence(server, ok(results[15]), "robot-7")
 
 
+def test_grpc_requests_are_counted_with_their_protocol(server: OipServer) -> None:
+    infer = {"op": "infer", "model": "cartpole", "key": KEY, "inputs": observations(ROWS)}
+    operations = [infer, infer | {"key": "wrong"}]
+    run_client("triton", "triton_grpc.py", server.grpc_address, json.dumps(operations))
+    values = samples(httpx.get(server.metrics).text)
+    route = 'protocol="grpc",route="/inference.GRPCInferenceService/ModelInfer"'
+    counted = {
+        name: value
+        for name, value in values.items()
+        if name.startswith("policy_server_requests_total{") and route in name
+    }
+    answered = [n for n in counted if 'code="OK"' in n and 'policy="cartpole"' in n]
+    assert answered and counted[answered[0]] >= 1
+    assert any('code="PERMISSION_DENIED"' in name for name in counted)
+    lines = [json.loads(line) for line in server.http.output().splitlines() if '"GRPC"' in line]
+    assert any(line.get("protocol") == "grpc" and line["status"] == "OK" for line in lines)
+
+
 def test_kserve_rest_client(server: OipServer) -> None:
     operations = [*common_operations(), *sequence_steps({"id": "kserve-rest"})]
     url = server.http.url
@@ -381,3 +407,38 @@ def test_every_worker_serves_grpc_on_the_shared_port(
         address = f"127.0.0.1:{grpc_port}"
         results = run_client("triton", "triton_grpc.py", address, json.dumps(operations))
     assert all(ok(result)["outputs"]["actions"] for result in results)
+
+
+def test_a_taken_grpc_port_is_named_before_the_model_loads(cache_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = serve_command(EXAMPLE, cache_dir, "--grpc-port", str(port))
+        command[0] = str(client_python("triton"))
+        result = subprocess.run(
+            [part.replace("{port}", str(free_port())) for part in command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert f"the gRPC port 127.0.0.1:{port} is already in use" in line
+    assert "--grpc-port" in line and "0 to turn gRPC off" in line
+    assert "loaded policy" not in result.stdout
+
+
+def test_an_explicit_grpc_port_without_the_extra_says_which_to_install(cache_dir: Path) -> None:
+    if importlib.util.find_spec("tritonclient") is not None:
+        pytest.skip("tritonclient is installed here: the grpc extra is not missing")
+    command = serve_command(EXAMPLE, cache_dir, "--grpc-port", str(free_port()))
+    result = subprocess.run(
+        [part.replace("{port}", str(free_port())) for part in command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "pip install 'policy-server[grpc]'" in result.stderr
+    assert "--grpc-port 0" in result.stderr
