@@ -53,8 +53,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing API key"),
         (403, "Wrong API key"),
         (404, "No such model or version"),
+        (503, "No version of the model can answer now (loading, failed or draining)"),
+        (504, "The model did not answer within the inference time-out"),
     )
 }
+# With the binary tensor extension: the JSON, then the outputs' bytes.
+_BINARY: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/octet-stream": {}},
+        "description": "The answer; with binary outputs, its JSON (of the length in "
+        "`Inference-Header-Content-Length`) then the outputs' bytes",
+    }
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {503: {"model": V2Ready, "description": "Not ready"}}
 
 
 class V2Route(APIRoute):
@@ -85,6 +96,7 @@ def v2_routes(plane: DataPlane) -> list[BaseRoute]:
         ("/v2/health/live", "v2_server_live", handlers.live, V2Live, "Liveness"),
         ("/v2/health/ready", "v2_server_ready", handlers.ready, V2Ready, "Readiness"),
     ]
+    # Not ready is 503 (the KServe SDK reads the body of either).
     routes: list[BaseRoute] = [
         V2Route(
             path,
@@ -95,6 +107,7 @@ def v2_routes(plane: DataPlane) -> list[BaseRoute]:
             summary=summary,
             tags=["v2"],
             response_model=response,
+            responses=_NOT_READY if path.endswith("ready") else {},
         )
         for path, op_id, handler, response, summary in open_routes
     ]
@@ -117,11 +130,17 @@ def v2_routes(plane: DataPlane) -> list[BaseRoute]:
                 summary=_SUMMARIES[op_id.removeprefix("v2_").replace("version_", "")],
                 tags=["v2"],
                 response_model=response,
-                responses=_ERRORS,
+                responses=_ERRORS | _responses_of(path),
                 dependencies=[Security(header_scheme)],
             )
         )
     return routes
+
+
+def _responses_of(path: str) -> dict[int | str, dict[str, Any]]:
+    if path.endswith("/ready"):
+        return {503: {"model": V2ModelReady, "description": "Not ready"}}
+    return _BINARY if path.endswith("/infer") else {}
 
 
 _SUMMARIES = {
