@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, serving
+from tests.conftest import EXAMPLE, EXAMPLE_KEY, RunningServer, free_port, serving
 from tests.test_metrics import samples
 
 INFER = "/v2/models/cartpole/infer"
@@ -249,14 +250,16 @@ def canary(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     for version in ("1", "2"):
         shutil.copytree(EXAMPLE, repository / "cartpole" / version)
     (repository / "repository.yaml").write_text(
-        'policies:\n  cartpole:\n    traffic: {"1": 50, "2": 50}\n'
+        'policies:\n  cartpole:\n    traffic: {"1": 50, "2": 50}\n    shadow: "2"\n'
     )
     tmp = tmp_path_factory.mktemp("canary-run")
-    with serving(repository, cache_dir, tmp, EXAMPLE_KEY) as server:
+    port = free_port()
+    with serving(repository, cache_dir, tmp, EXAMPLE_KEY, "--metrics-port", str(port)) as server:
+        server.metrics = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
         yield server
 
 
-def test_episodes_keep_one_version_of_a_canary(canary: RunningServer) -> None:
+def test_episodes_keep_one_version_of_a_canary_whose_shadow_scores_them(canary: RunningServer) -> None:
     body = {"inputs": [observations([0.0, 0.1, 0.05, 0.2], [1, 4])]}
     seen: dict[str, set[str]] = {}
     with canary.client() as http:
@@ -270,3 +273,14 @@ def test_episodes_keep_one_version_of_a_canary(canary: RunningServer) -> None:
     assert all(len(versions) == 1 for versions in seen.values())
     assert set().union(*seen.values()) == {"1", "2"}
     assert metadata["versions"] == ["1", "2"]
+    # Version 2 shadows the answers of version 1, off the request path, as on /predict.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        values = samples(httpx.get(canary.metrics).text)  # type: ignore[attr-defined]
+        compared = sum(
+            v for k, v in values.items() if k.startswith("policy_server_shadow_comparisons_total{")
+        )
+        if compared:
+            break
+        time.sleep(0.2)
+    assert compared > 0
