@@ -61,19 +61,19 @@ def log_request(
     answered: tuple[str, str],
     seconds: float,
 ) -> None:
-    """One JSON log line per request, whatever its protocol."""
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "request",
-            extra={
-                "request_id": request_id,
-                "method": method,
-                "route": route,
-                "path": path,
-                "status": status,
-                "latency_ms": round(seconds * 1000, 3),
-                "protocol": protocol,
-                "policy": answered[0],
-                "version": answered[1],
-            },
-        )
+    """One JSON log line per request, whatever its protocol; callers check first that
+    `access_log` is enabled for INFO, so that a server at WARNING builds nothing."""
+    access_log.info(
+        "request",
+        extra={
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "path": path,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 3),
+            "protocol": protocol,
+            "policy": answered[0],
+            "version": answered[1],
+        },
+    )

@@ -259,7 +259,7 @@ def canary(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield server
 
 
-def test_episodes_keep_one_version_of_a_canary_whose_shadow_scores_them(canary: RunningServer) -> None:
+def test_episodes_keep_one_canary_version_and_a_shadow_scores_them(canary: RunningServer) -> None:
     body = {"inputs": [observations([0.0, 0.1, 0.05, 0.2], [1, 4])]}
     seen: dict[str, set[str]] = {}
     with canary.client() as http:

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from policy_server.errors import PolicyServerError
-from policy_server.logs import log_request
+from policy_server.logs import access_log, log_request
 from policy_server.metrics import Metrics
 from policy_server.protocols.auth import TOKEN_NAME
 from policy_server.protocols.grpc import stubs
@@ -161,7 +161,8 @@ class Inference:
         route = f"/{SERVICE}/{method}"
         code = "OK" if status is None else status.name
         self.metrics.count_request(route, "GRPC", code, "grpc", answered, seconds)
-        log_request(uuid.uuid4().hex, "GRPC", route, route, code, "grpc", answered, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            log_request(uuid.uuid4().hex, "GRPC", route, route, code, "grpc", answered, seconds)
 
 
 def _key(context: Any) -> str | None:

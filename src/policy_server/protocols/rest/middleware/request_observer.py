@@ -6,12 +6,13 @@ Only the path is logged, never the query string or headers, so an API key sent a
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from policy_server.logs import log_request
+from policy_server.logs import access_log, log_request
 from policy_server.metrics import Metrics
 
 
@@ -55,16 +56,17 @@ class RequestObserver:
         self.metrics.count_request(
             template, scope["method"], str(status), protocol, answered, seconds
         )
-        log_request(
-            request_id.decode("ascii", "replace"),
-            scope["method"],
-            template,
-            scope["path"],
-            status,
-            protocol,
-            answered,
-            seconds,
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            log_request(
+                request_id.decode("ascii", "replace"),
+                scope["method"],
+                template,
+                scope["path"],
+                status,
+                protocol,
+                answered,
+                seconds,
+            )
 
 
 def _request_id(scope: Scope) -> bytes:
