@@ -62,6 +62,10 @@ class Signature:
     width: int
     mask_sizes: tuple[int, ...] | None  # actions per component; None: continuous actions
     platform: str
+    # Per column of the row, the bounds of its float field (none for int and bool fields,
+    # checked exactly field by field): one comparison checks every float field at once.
+    lows: npt.NDArray[np.float32]
+    highs: npt.NDArray[np.float32]
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -105,7 +109,21 @@ def _build(policy: LoadedPolicy) -> Signature:
     )
     mask_sizes = None if isinstance(space, Box) else categorical_sizes(space)
     platform = _PLATFORMS.get(policy.runtime.name, policy.runtime.name)
-    return Signature(inputs, outputs, fields, width, mask_sizes, platform)
+    lows, highs = _bounds(fields, width)
+    return Signature(inputs, outputs, fields, width, mask_sizes, platform, lows, highs)
+
+
+def _bounds(
+    fields: tuple[FieldSlot, ...], width: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    lows = np.full(width, -np.inf, dtype=np.float32)
+    highs = np.full(width, np.inf, dtype=np.float32)
+    for slot in fields:
+        if slot.spec.datatype == "FP32":
+            where = slice(slot.start, slot.start + slot.width)
+            lows[where] = slot.minimum if slot.minimum is not None else -FLOAT32_MAX
+            highs[where] = slot.maximum if slot.maximum is not None else FLOAT32_MAX
+    return lows, highs
 
 
 def _slots(policy: LoadedPolicy, width: int) -> tuple[FieldSlot, ...]:
@@ -213,9 +231,14 @@ def _field_rows(signature: Signature, given: dict[str, Tensor]) -> npt.NDArray[n
     for slot in signature.fields:
         tensor = given[slot.spec.name]
         values = tensor.data.reshape(batch, slot.width)
-        if tensor.datatype != "BOOL":
+        if tensor.datatype == "INT64":
             _bounded(slot, values)
         rows[:, slot.start : slot.start + slot.width] = values
+    # NaN fails both comparisons; only then is each float field looked at, to say which.
+    if not ((rows >= signature.lows).all() and (rows <= signature.highs).all()):
+        for slot in signature.fields:
+            if slot.spec.datatype == "FP32":
+                _bounded(slot, given[slot.spec.name].data.reshape(batch, slot.width))
     return rows
 
 

@@ -8,6 +8,7 @@ little-endian length and the bytes, as Triton lays them out.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ class Tensor:
 def checked_shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list | tuple) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidTensor(f"input '{name}': shape must be a list of non-negative integers")
-    if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+    if math.prod(shape) > MAX_ELEMENTS:
         raise InvalidTensor(f"input '{name}': shape {list(shape)} is too large")
     return tuple(shape)
 
@@ -68,7 +69,7 @@ def checked_datatype(name: str, datatype: Any) -> str:
 
 
 def _count(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 def from_values(name: str, datatype: str, shape: tuple[int, ...], values: Any) -> Tensor:
