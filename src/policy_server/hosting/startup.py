@@ -53,6 +53,7 @@ def grpc_checked(settings: Settings) -> Settings:
     remedy = "pip install 'policy-server[grpc]', or --grpc-port 0 to serve without gRPC"
     if "grpc_port" in settings.model_fields_set:
         raise PortUnavailable(f"--grpc-port {settings.grpc_port} needs the grpc extra: {remedy}")
+    configure_logging(settings.log_level)  # the warning is a JSON line on stdout, as all
     logger.warning("no gRPC port: the grpc extra is not installed (%s)", remedy)
     return settings.model_copy(update={"grpc_port": 0})
 
