@@ -84,9 +84,10 @@ test-fast: install
 test: install lint system-test
 	$(BIN)/pytest -n $(WORKERS) --dist loadfile
 
-# wrk comes from Debian's packages; installed only where it is missing.
+# wrk and h2load (gRPC) come from Debian's packages; installed only where they are missing.
 system-bench:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
 
 bench: install system-bench
 	$(BIN)/python bench/run.py

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 from harness import OUT, PYTHON, Load, Server, Target, ours, parse_wrk, wrk, wrk_command
 
+from protocols import measure_protocols
+
 ADMIN_KEY = "bench-admin-key"
 
 
@@ -231,6 +233,7 @@ def measure_features(target: Target, cache: Path, duration: int) -> dict[str, An
         measure_repository(target, cache, duration, flags),
         measure_decision_log(target, cache, duration, flags),
         measure_rollout(target, cache, duration, flags),
+        measure_protocols(target, cache, duration),
     ):
         notes = part.pop("notes")
         figures |= part

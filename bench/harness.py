@@ -218,6 +218,8 @@ def ours(
         # SDK generation would run four JVMs beside the measurement.
         "--client-languages",
         "",
+        # No gRPC port unless a measurement asks for one.
+        *(() if "--grpc-port" in flags else ("--grpc-port", "0")),
         *flags,
     ]
     return Server(command, probe or ("/predict", target.observation, target.key))

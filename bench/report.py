@@ -210,7 +210,7 @@ def render_features(f: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"- {notes.get('workers', 'not measured')}")
     lines += ["", *render_scaling(), "", *render_repository(f), "", *render_decision_log(f), ""]
-    return [*lines, *render_rollout(f), ""]
+    return [*lines, *render_rollout(f), "", *render_protocols(f), ""]
 
 
 def render_rollout(f: dict[str, Any]) -> list[str]:
@@ -234,6 +234,37 @@ def render_rollout(f: dict[str, Any]) -> list[str]:
         "| target | this run | verdict |",
         "|---|---|---|",
         f"| with a rollout >= 0.97x without | {ratio:.2f}x | {_verdict(ratio >= 0.97)} |",
+    ]
+
+
+def render_protocols(f: dict[str, Any]) -> list[str]:
+    notes = f.get("notes", {})
+    lines = ["The Open Inference Protocol (issue #23), one server:", ""]
+    if "oip_grpc_c32" not in f:
+        return [*lines, f"- {notes.get('oip', 'not measured')}"]
+    predict, grpc = f["oip_predict_c32"], f["oip_grpc_c32"]
+    json_batch, binary_batch = f["oip_batch_json"], f["oip_batch_binary"]
+    streams = grpc.requests_per_s / predict.requests_per_s
+    batch = binary_batch.requests_per_s / json_batch.requests_per_s
+    return [
+        *lines,
+        "| measurement | requests/s | observations/s | errors |",
+        "|---|---|---|---|",
+        f"| `POST /predict`, 32 connections (wrk) | {predict.requests_per_s:,.0f} | "
+        f"{predict.requests_per_s:,.0f} | {predict.errors} |",
+        f"| gRPC `ModelInfer`, binary contents, 32 streams (h2load) | "
+        f"{grpc.requests_per_s:,.0f} | {grpc.requests_per_s:,.0f} | {grpc.errors} |",
+        f"| `POST /predict_batch`, 1,000 observations, 2 connections | "
+        f"{json_batch.requests_per_s:,.1f} | {json_batch.requests_per_s * 1000:,.0f} | "
+        f"{json_batch.errors} |",
+        f"| `POST /v2/models/.../infer`, binary tensors, 1,000 observations | "
+        f"{binary_batch.requests_per_s:,.1f} | {binary_batch.requests_per_s * 1000:,.0f} | "
+        f"{binary_batch.errors} |",
+        "",
+        "| target | this run | verdict |",
+        "|---|---|---|",
+        f"| gRPC ModelInfer >= 1.2x `/predict` | {streams:.2f}x | {_verdict(streams >= 1.2)} |",
+        f"| binary V2 batch >= 1.5x `/predict_batch` | {batch:.2f}x | {_verdict(batch >= 1.5)} |",
     ]
 
 

@@ -112,6 +112,8 @@ def serve_command(policy: Path, cache_dir: Path, *flags: str) -> list[str]:
         "",
         # One process unless a test asks for more: the default is one per core.
         *(() if "--workers" in flags else ("--workers", "1")),
+        # No gRPC port unless a test asks for one: the default (8001) is one for all.
+        *(() if "--grpc-port" in flags else ("--grpc-port", "0")),
         *flags,
     ]
 

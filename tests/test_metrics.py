@@ -42,14 +42,14 @@ def test_metrics_count_requests_batches_and_actions(
         version = client.get("/schema").json()["version"]
     text = httpx.get(metrics_url).text
     values = samples(text)
-    answered = f'policy="cartpole",route="/predict",version="{version}"'
+    answered = f'policy="cartpole",protocol="rest",route="/predict",version="{version}"'
     assert values[f'policy_server_requests_total{{code="200",method="POST",{answered}}}'] == 10
-    refused = 'policy="",route="/predict",version=""'
+    refused = 'policy="",protocol="rest",route="/predict",version=""'
     assert values[f'policy_server_requests_total{{code="422",method="POST",{refused}}}'] == 1
-    unmatched = 'policy="",route="unmatched",version=""'
+    unmatched = 'policy="",protocol="rest",route="unmatched",version=""'
     assert values[f'policy_server_requests_total{{code="404",method="GET",{unmatched}}}'] == 1
     ours = f'policy="cartpole",version="{version}"'
-    timed = f'policy="cartpole",route="/predict",version="{version}"'
+    timed = f'policy="cartpole",protocol="rest",route="/predict",version="{version}"'
     assert values[f"policy_server_request_duration_seconds_count{{{timed}}}"] == 10
     assert values[f"policy_server_batch_size_sum{{{ours}}}"] == 60
     assert values[f"policy_server_inference_duration_seconds_count{{{ours}}}"] >= 11

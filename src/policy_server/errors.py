@@ -78,6 +78,11 @@ class NotAuthenticated(PolicyServerError):
     code = "not_authenticated"
 
 
+class KeyMissing(NotAuthenticated):
+    """No key was sent: 403 on the native routes, as always; the Open Inference Protocol
+    answers 401 (gRPC UNAUTHENTICATED) for it, and 403 for a wrong key."""
+
+
 class ClientsNotReady(PolicyServerError):
     status_code = 503
     code = "clients_not_ready"

@@ -15,6 +15,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 }
 # Libraries whose INFO lines narrate their internals rather than the server's work.
 _CHATTY = ("tf2onnx", "absl")
+access_log = logging.getLogger("policy_server.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,3 +49,31 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     for name in _CHATTY:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def log_request(
+    request_id: str,
+    method: str,
+    route: str,
+    path: str,
+    status: int | str,
+    protocol: str,
+    answered: tuple[str, str],
+    seconds: float,
+) -> None:
+    """One JSON log line per request, whatever its protocol; callers check first that
+    `access_log` is enabled for INFO, so that a server at WARNING builds nothing."""
+    access_log.info(
+        "request",
+        extra={
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "path": path,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 3),
+            "protocol": protocol,
+            "policy": answered[0],
+            "version": answered[1],
+        },
+    )

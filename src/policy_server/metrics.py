@@ -51,10 +51,11 @@ class Metrics:
             self.registry.register(collector)
         self.requests = Counter(
             "policy_server_requests",
-            "HTTP requests answered, by route template, method, status code (`code`, as in "
-            "Prometheus' own HTTP instrumentation), and the policy and version that answered "
-            "(empty when none did).",
-            ["route", "method", "code", "policy", "version"],
+            "Requests answered, by route template (a gRPC method's path), method, status "
+            "code (`code`, as in Prometheus' own HTTP instrumentation; a gRPC status name), "
+            "protocol (rest, v2, grpc), and the policy and version that answered (empty "
+            "when none did).",
+            ["route", "method", "code", "protocol", "policy", "version"],
             registry=self.registry,
         )
         self.requests_in_flight = Gauge(
@@ -65,9 +66,9 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "policy_server_request_duration_seconds",
-            "Time from the request's arrival to its response, by route template, policy and "
-            "version.",
-            ["route", "policy", "version"],
+            "Time from the request's arrival to its response, by route template, protocol, "
+            "policy and version.",
+            ["route", "protocol", "policy", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -174,7 +175,7 @@ class Metrics:
         self._action_children: dict[tuple[str, str, int, int], Any] = {}
         # (route, method, code, policy, version) -> the request counter's and the duration
         # histogram's children: `labels()` validates and locks on every call, a dict does not.
-        self._request_children: dict[tuple[str, str, int, str, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
     def rollout_state(self, policy: str, state: str, weight: float) -> None:
@@ -192,22 +193,6 @@ class Metrics:
         for bound, value in (("estimate", estimate), ("lower", lower), ("upper", upper)):
             if value is not None:
                 self.rollout_difference.labels(policy, bound).set(value)
-
-    def request_answered(
-        self, route: str, method: str, code: int, policy: str, version: str, seconds: float
-    ) -> None:
-        """Count one answered HTTP request and observe its duration."""
-        key = (route, method, code, policy, version)
-        children = self._request_children.get(key)
-        if children is None:
-            with self._lock:
-                children = (
-                    self.requests.labels(route, method, str(code), policy, version),
-                    self.request_duration.labels(route, policy, version),
-                )
-                self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
 
     def policy_loaded(self, name: str, version: str, runtime: str, seconds: float) -> None:
         self.load_duration.labels(name, version).set(seconds)
@@ -227,12 +212,35 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 metric.remove(name, version)
         with self._lock:
-            for request in [k for k in self._request_children if k[3:] == (name, version)]:
+            for request in [k for k in self._request_children if k[4:] == (name, version)]:
                 del self._request_children[request]
             for key in [k for k in self._action_children if k[:2] == (name, version)]:
                 child = self._action_children.pop(key)
                 del child
                 self.actions.remove(name, version, str(key[2]), str(key[3]))
+
+    def count_request(
+        self,
+        route: str,
+        method: str,
+        code: str,
+        protocol: str,
+        answered: tuple[str, str],
+        seconds: float,
+    ) -> None:
+        """Count one answered request (any protocol) and observe its duration; the metric
+        children are looked up once per label set."""
+        key = (route, method, code, protocol, *answered)
+        children = self._request_children.get(key)
+        if children is None:
+            with self._lock:
+                children = (
+                    self.requests.labels(*key),
+                    self.request_duration.labels(route, protocol, *answered),
+                )
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch_observer(self, policy: str, version: str) -> Callable[[int, float], None]:
         size = self.batch_size.labels(policy, version)

@@ -141,6 +141,13 @@ class Settings(PolicyFields, BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port of the HTTP API.")
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol's gRPC service "
+        "(inference.GRPCInferenceService; needs the `grpc` extra); 0 turns it off.",
+    )
     api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("api_key", "POLICY_SERVER_API_KEY", "API_KEY"),

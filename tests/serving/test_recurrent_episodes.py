@@ -329,7 +329,7 @@ def test_the_docs_describe_what_a_step_carries(tmp_path: Path, cache_dir: Path) 
         document = client.get("/openapi.json").json()
         docs = client.get("/docs")
     schemas = document["components"]["schemas"]
-    envelope = schemas["ObservationEnvelope"]["properties"]
+    envelope = schemas["Step"]["properties"]  # the envelope, as the /step routes publish it
     for name in ("episode_id", "reward", "prev_action", "state", "return_state"):
         assert envelope[name]["description"], name
     answer = schemas["Prediction"]["properties"]

@@ -329,8 +329,16 @@ def test_a_rollout_resumes_after_a_restart(cache_dir: Path, tmp_path: Path) -> N
     ):
         spec = SPEC | {"steps": [10, 20, 30], "min_units_per_step": 20}
         assert start(http, candidate="2", **spec).status_code == 201
-        play(http, rng, 400, "before")
-        eventually(lambda: rollout(http)["step"] >= 1)
+        # Played a batch at a time until the second step, so that the rollout is stopped
+        # early in its canary; then every reward played is folded in before the snapshot (the
+        # log's writer and the controller fold in groups: a later one moves the rollout on).
+        played = 0
+        for batch in range(40):
+            if rollout(http)["step"] >= 1:
+                break
+            played += sum(play(http, rng, BATCH, f"before{batch}").values())
+            time.sleep(0.3)
+        eventually(lambda: sum(rollout(http)["evidence"]["units"].values()) >= played)
         before = rollout(http)
         assert before["state"] == "canary"
     with (

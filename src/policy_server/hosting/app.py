@@ -13,7 +13,9 @@ from policy_server.hosting.startup import (
 )
 from policy_server.metrics import Metrics
 from policy_server.protocols.auth import KeyRing
-from policy_server.protocols.rest.app import create_app
+from policy_server.protocols.rest.app import Service, create_app
+from policy_server.protocols.v2.dataplane import DataPlane
+from policy_server.protocols.v2.routes import v2_routes
 from policy_server.serving.episodes import EpisodeStore, LocalEpisodes
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.observers import ActionMetrics, DecisionLogger
@@ -34,11 +36,13 @@ def build_app(
     worker: str = "0",
     managers: ManagerFactory = PolicyManager,
     episodes: EpisodeStore | None = None,
+    grpc: bool = False,
 ) -> FastAPI:
     """The whole server for `settings`; `callers` overrides how model calls are made (the
     Ray Serve ingress passes its deployment handle). A worker of `serve --workers N` passes
     its name (its decision-log stream), a manager that follows the other workers, and the
-    episode store all workers share."""
+    episode store all workers share. `grpc`: serve the gRPC port of the settings too (the
+    `serve` command does; an app imported by uvicorn or Ray Serve does not)."""
     metrics = Metrics()
     registry = PolicyRegistry()
     manager = managers(settings, registry, metrics)
@@ -68,7 +72,20 @@ def build_app(
         settings.api_keys, settings.secret("admin_key"), settings.no_auth, settings.api_key_file
     )
     warn_demo_key(settings, registry, keys)
-    app = create_app(service, manager, settings, keys, metrics, log, closing, rollouts)
+    plane = DataPlane(service, keys, log)
+    services = [_grpc_server(settings, plane, metrics)] if grpc and settings.grpc_port else []
+    app = create_app(
+        service,
+        manager,
+        settings,
+        keys,
+        metrics,
+        log,
+        closing,
+        rollouts,
+        routes=v2_routes(plane),
+        services=services,
+    )
     freeze_garbage()
     return app
 
@@ -89,6 +106,20 @@ def _decision_log(settings: Settings, metrics: Metrics, worker: str) -> Decision
         rotate_bytes=int(settings.decision_log_rotate_mb * 1024 * 1024),
         rotate_seconds=settings.decision_log_rotate_s,
         registry=metrics.registry,
+    )
+
+
+def _grpc_server(settings: Settings, plane: DataPlane, metrics: Metrics) -> Service:
+    from policy_server.protocols.grpc.service import GrpcServer
+
+    return GrpcServer(
+        plane,
+        metrics,
+        settings.host,
+        settings.grpc_port,
+        shared_port=settings.resolved_workers > 1,
+        max_message_bytes=settings.max_body_bytes,
+        grace_s=settings.graceful_shutdown_s,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib.util
 import ipaddress
 import logging
 import signal
@@ -42,12 +43,39 @@ class PortUnavailable(Exception):
     """A port of the settings cannot be listened on; the message says which and what to do."""
 
 
+def grpc_checked(settings: Settings) -> Settings:
+    """The settings, with the gRPC port off when its extra is missing and the port is the
+    default; PortUnavailable when it was asked for."""
+    if not settings.grpc_port or all(
+        importlib.util.find_spec(name) is not None for name in ("grpc", "tritonclient")
+    ):
+        return settings
+    remedy = "pip install 'policy-server[grpc]', or --grpc-port 0 to serve without gRPC"
+    if "grpc_port" in settings.model_fields_set:
+        raise PortUnavailable(f"--grpc-port {settings.grpc_port} needs the grpc extra: {remedy}")
+    configure_logging(settings.log_level)  # the warning is a JSON line on stdout, as all
+    logger.warning("no gRPC port: the grpc extra is not installed (%s)", remedy)
+    return settings.model_copy(update={"grpc_port": 0})
+
+
 def check_ports(settings: Settings) -> None:
     """Raise PortUnavailable, naming the flag to change, for a port that cannot be bound."""
     if settings.metrics_port and settings.metrics_port == settings.port:
         raise PortUnavailable(
             f"--port and --metrics-port are both {settings.port}; give the metrics another "
             "port with --metrics-port, or 0 to turn metrics off"
+        )
+    if settings.grpc_port and settings.grpc_port in (settings.port, settings.metrics_port):
+        raise PortUnavailable(
+            f"--grpc-port {settings.grpc_port} is also --port or --metrics-port; give gRPC "
+            "another port with --grpc-port, or 0 to turn it off"
+        )
+    if settings.grpc_port:
+        _check(
+            settings.host,
+            settings.grpc_port,
+            "the gRPC port",
+            "choose another with --grpc-port, or 0 to turn gRPC off",
         )
     if settings.port:
         _check(settings.host, settings.port, "the HTTP port", "choose another with --port")

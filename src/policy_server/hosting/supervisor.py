@@ -83,7 +83,9 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
             episodes = SharedEpisodes(
                 run.episodes, settings.max_episodes, settings.episode_idle_s, state_secret(settings)
             )
-            app = build_app(settings, worker=str(index), managers=manager, episodes=episodes)
+            app = build_app(
+                settings, worker=str(index), managers=manager, episodes=episodes, grpc=True
+            )
     except PolicyLoadError as error:
         run.startup_error.write_text(str(error))
     except Exception as error:

@@ -23,7 +23,7 @@ from fastapi.security import APIKeyHeader
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from policy_server.errors import NotAuthenticated
+from policy_server.errors import KeyMissing, NotAuthenticated
 from policy_server.serving.registry import PolicyEntry
 
 TOKEN_NAME = "access-token"
@@ -100,6 +100,13 @@ def _key_lines(text: str) -> tuple[bytes, ...]:
     return tuple(line.encode() for line in lines if line and not line.startswith("#"))
 
 
+def _check(keys: tuple[bytes, ...], key: str | None) -> None:
+    if key is None:
+        raise KeyMissing(f"missing API key: send it as header '{TOKEN_NAME}'")
+    if not _matches(key.encode(), keys):
+        raise NotAuthenticated("wrong API key")
+
+
 class KeyRing:
     """Which keys open which policy: the server's keys (`--api-key`, a key file re-read when
     it changes) open every policy; without them each policy takes its schema's `api_key`;
@@ -150,13 +157,14 @@ class KeyRing:
 
     def check(self, connection: HTTPConnection, entry: PolicyEntry) -> None:
         keys = self.policy_keys(entry)
-        if keys is None:
-            return
-        key = supplied_key(connection)
-        if key is None:
-            raise NotAuthenticated(f"missing API key: send it as header '{TOKEN_NAME}'")
-        if not _matches(key.encode(), keys):
-            raise NotAuthenticated("wrong API key")
+        if keys is not None:
+            _check(keys, supplied_key(connection))
+
+    def check_key(self, entry: PolicyEntry, key: str | None) -> None:
+        """`check` for a key a protocol read itself (gRPC metadata)."""
+        keys = self.policy_keys(entry)
+        if keys is not None:
+            _check(keys, key)
 
     def check_any(self, connection: HTTPConnection, entries: list[PolicyEntry]) -> None:
         """For routes of no one policy (/policies, /rewards, /clients): a key that opens

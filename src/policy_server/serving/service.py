@@ -68,6 +68,17 @@ class DistributionResult:
 
 
 @dataclass(frozen=True)
+class Decisions:
+    """One call's answers and what they were made of: the logits (masked), the model's
+    outputs and the chosen actions, each with one row per observation."""
+
+    predictions: list[Prediction]
+    logits: npt.NDArray[np.floating[Any]]
+    outputs: ModelOutputs
+    chosen: Actions
+
+
+@dataclass(frozen=True)
 class Episode:
     """What a request says of the episode it belongs to: its id (sequence id) and step, the
     reward that followed the episode's previous decision and, for a recurrent policy, the
@@ -193,11 +204,35 @@ class PolicyService:
         its reward joins the episode's previous decision and, for a recurrent policy, the
         model is fed the episode's state and the state it returns is kept. `pinned` when
         the request named the version rather than the traffic split."""
+        decisions = await self.decide(
+            version,
+            rows,
+            episodes=episodes,
+            masks=masks,
+            deterministic=deterministic,
+            seed=seed,
+            pinned=pinned,
+        )
+        return decisions.predictions
+
+    async def decide(
+        self,
+        version: PolicyVersion,
+        rows: npt.NDArray[np.float32],
+        *,
+        episodes: Sequence[Episode] | None = None,
+        masks: Sequence[list[list[Any]] | None] | None = None,
+        deterministic: bool = False,
+        seed: int | None = None,
+        pinned: bool = False,
+    ) -> Decisions:
+        """`predict`, with the arrays the answers were made of, for protocols that answer
+        with tensors (the Open Inference Protocol): no per-row conversion back."""
         group = Group(version, rows, episodes, masks)
-        [predictions] = await self.predict_groups(
+        [decisions] = await self.decide_groups(
             [group], deterministic=deterministic, seed=seed, pinned=pinned
         )
-        return predictions
+        return decisions
 
     async def predict_groups(
         self,
@@ -207,7 +242,22 @@ class PolicyService:
         seed: int | None = None,
         pinned: bool = False,
     ) -> list[list[Prediction]]:
-        """Decisions for one request whose rows several versions answer, one list per group.
+        """Decisions for one request whose rows several versions answer, one list per group
+        (see `decide_groups`)."""
+        decided = await self.decide_groups(
+            groups, deterministic=deterministic, seed=seed, pinned=pinned
+        )
+        return [decisions.predictions for decisions in decided]
+
+    async def decide_groups(
+        self,
+        groups: Sequence[Group],
+        *,
+        deterministic: bool = False,
+        seed: int | None = None,
+        pinned: bool = False,
+    ) -> list[Decisions]:
+        """Decisions for one request whose rows several versions answer, one per group.
 
         The request is answered whole or not at all: every version is leased before the
         first model call (call this in the same step of the event loop as the lookup that
@@ -261,7 +311,7 @@ class PolicyService:
                     resets = await self._carry(
                         version, group.episodes, steps[index], found, output, chosen, predictions
                     )
-                answers.append(predictions)
+                answers.append(Decisions(predictions, logit, output, chosen))
                 events.append(
                     PredictionEvent(
                         version,

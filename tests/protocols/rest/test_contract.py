@@ -88,6 +88,11 @@ def check_operation(server: RunningServer, operation: Operation[Any, Any, Any, A
             excluded: list[CheckFunction] = (
                 [positive_data_acceptance] if NON_FINITE in response.text else []
             )
+            # A V2 inference body that fits the protocol's schema may name tensors the
+            # model does not have: the document cannot state each model's tensors (its
+            # metadata route does), so such a body is refused with a documented 400.
+            if operation.path.endswith("/infer"):
+                excluded = [positive_data_acceptance]
             case.validate_response(response, excluded_checks=excluded)
 
     keeps_contract()

@@ -6,8 +6,9 @@ that set or a policy's schema changes (a reload), with the OpenAPI document rebu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from fastapi import Depends, FastAPI, Security
 from starlette.middleware.cors import CORSMiddleware
@@ -54,6 +55,14 @@ async def _log_unavailable(_: Request, error: Exception) -> Response:
     return error_response(503, "decision_log_unavailable", f"the decision log failed: {error}")
 
 
+class Service(Protocol):
+    """A server beside the HTTP one, started and stopped with the app (the gRPC port)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 def create_app(
     service: PolicyService,
     manager: PolicyManager,
@@ -63,6 +72,8 @@ def create_app(
     log: DecisionLog | None = None,
     closing: list[Callable[[], None]] | None = None,
     rollouts: RolloutController | None = None,
+    routes: Sequence[BaseRoute] = (),
+    services: Sequence[Service] = (),
 ) -> FastAPI:
     registry = service.registry
     builder = ClientBuilder(
@@ -80,11 +91,15 @@ def create_app(
         await manager.start()
         if rollouts is not None:
             await rollouts.start()
+        for server in services:
+            await server.start()
         if builder.languages:
             builder.start()
         try:
             yield
         finally:
+            for server in services:
+                await server.stop()
             await manager.close()
             for close in closing or []:
                 close()
@@ -123,6 +138,7 @@ def create_app(
 
     add_policy_routes(app.router, registry, manager, keys, rollouts)
     add_experience_routes(app.router, registry, service, keys, log)
+    app.router.routes.extend(routes)  # the other protocols' routes (the V2 routes)
     if log is not None:
         app.add_exception_handler(DecisionLogClosed, _log_unavailable)
     if builder.languages:

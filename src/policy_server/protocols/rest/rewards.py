@@ -46,6 +46,10 @@ class EpisodeEnd(BaseModel):
     truncated: bool = Field(default=False, description="The episode was cut off (time limit).")
 
 
+# The body is optional: without one, the episode terminated.
+_TERMINATED = EpisodeEnd()
+
+
 class EpisodeAnswer(BaseModel):
     episode_id: str
     status: str = Field(
@@ -88,9 +92,8 @@ def add_experience_routes(
     )
     async def end_episode(
         episode_id: Annotated[str, Path(min_length=1, max_length=128)],
-        end: Annotated[EpisodeEnd | None, Body()] = None,
+        end: Annotated[EpisodeEnd, Body()] = _TERMINATED,
     ) -> Any:
-        end = end or EpisodeEnd()
         await service.end_episode(episode_id)
         if log is None:
             return {"episode_id": episode_id, "status": "closed"}

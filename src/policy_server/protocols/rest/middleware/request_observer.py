@@ -13,9 +13,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from policy_server.logs import access_log, log_request
 from policy_server.metrics import Metrics
 
-access_log = logging.getLogger("policy_server.access")
 # Request ids: 16 random hex digits per process, then a counter. Unique without a system
 # call per request (uuid4 reads os.urandom every time); ids need not be unguessable.
 _ID_PREFIX = os.urandom(8).hex()
@@ -64,22 +64,23 @@ class RequestObserver:
         # one label so that scanning for URLs cannot explode the metric's cardinality.
         route = scope.get("route")
         template = getattr(route, "path", "unmatched")
+        # Routes of another protocol than the native one say so (the V2 routes).
+        protocol = getattr(route, "protocol", "rest")
         # The handler names the policy and version that answered, when one did.
-        policy, version = scope.get("policy_server.answered", ("", ""))
-        self.metrics.request_answered(template, scope["method"], status, policy, version, seconds)
+        answered = scope.get("policy_server.answered", ("", ""))
+        self.metrics.count_request(
+            template, scope["method"], str(status), protocol, answered, seconds
+        )
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id.decode("ascii", "replace"),
-                    "method": scope["method"],
-                    "route": template,
-                    "path": scope["path"],
-                    "status": status,
-                    "latency_ms": round(seconds * 1000, 3),
-                    "policy": policy,
-                    "version": version,
-                },
+            log_request(
+                request_id.decode("ascii", "replace"),
+                scope["method"],
+                template,
+                scope["path"],
+                status,
+                protocol,
+                answered,
+                seconds,
             )
 
 
