@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from tests.fresh import fresh_clone
-from tests.policies import SHARED_MODELS
+from tests.oip import client_python
+from tests.policies import EXAMPLE, EXAMPLE_KEY, ROOT, SHARED_MODELS
 from tests.readme import commands, readme_blocks
-from tests.servers import RunningServer, run_server
+from tests.servers import RunningServer, run_server, serve_command
 
 README_PORT = "localhost:8000"
 POLICY_SERVER = [sys.executable, "-m", "policy_server.hosting.cli"]
@@ -128,3 +129,40 @@ def test_the_decision_log_rewards_and_an_evaluation(
     assert report["n"] == 1
     assert set(report["estimators"]) >= {"ips", "snips", "wis"}
     assert report["logged_value"] == pytest.approx(1.0)
+
+
+def test_an_rllib_export_of_today(clone: Path, cache_dir: Path, tmp_path: Path) -> None:
+    shared = ROOT.parent / "shared"
+    if not (shared / "rllib-exports" / "cartpole_lstm" / "saved_model.zip").is_file():
+        pytest.skip(f"needs the RLlib export in {shared / 'rllib-exports'}")
+    (tmp_path / "shared").symlink_to(shared)  # the README's ../shared, beside the clone
+    reader = Reader(clone, cache_dir, tmp_path)
+    [block] = readme_blocks("### An RLlib export of today, recurrent", "bash")
+    reader.run(block)
+    first, second, ended = reader.answers
+    assert (first["step"], first["episode_state"]) == (0, "initial")
+    assert (second["step"], second["episode_state"]) == (1, "held")
+    assert not second["state_reset"]
+    assert ended == {"episode_id": "ep-1", "status": "closed"}
+
+
+def test_a_triton_client(cache_dir: Path, tmp_path: Path) -> None:
+    [script] = readme_blocks("### A Triton or KServe client", "python")
+    python = client_python("triton")
+    with run_server(serve_command(EXAMPLE, cache_dir), tmp_path, EXAMPLE_KEY) as server:
+        address = server.url.removeprefix("http://")
+        result = subprocess.run(
+            [str(python), "-c", script.replace("localhost:8000", address)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        with server.client() as http:
+            body = {"cart_position": 0.0, "cart_velocity": 0.1, "pole_angle": 0.05}
+            body["pole_angular_velocity"] = 0.2
+            distribution = http.post("/distribution", json=body).json()
+    assert result.returncode == 0, result.stderr
+    actions, probabilities = result.stdout.strip().split("] [")
+    assert actions.strip("[] ") in ("0", "1")
+    printed = [float(p) for p in probabilities.strip("[] \n").split()]
+    assert printed == pytest.approx(distribution["probabilities"][0], abs=1e-6)
