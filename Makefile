@@ -89,8 +89,11 @@ system-bench:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
 
+# The gRPC measurement runs its server on the tritonclient environment the tests build
+# (the grpc extra would change versions in .venv).
 bench: install system-bench
-	$(BIN)/python bench/run.py
+	BENCH_GRPC_PYTHON=$$($(BIN)/python -c 'from tests.oip import client_python; print(client_python("triton"))') \
+	  $(BIN)/python bench/run.py
 	$(BIN)/python bench/components.py
 	$(BIN)/python bench/recurrent.py
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from harness import OUT, ROOT, Load, Target, ours, parse_wrk, targets
 
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
 LSTM = ROOT.parent / "shared" / "rllib-exports" / "cartpole_lstm"
 OBSERVATION = {
     "cart_position": 0.01,
@@ -118,6 +120,43 @@ def main() -> None:
         results[label] = measure(arguments.duration, workers)
         print(label, json.dumps(results[label], default=vars, indent=1), flush=True)
     (OUT / "recurrent.json").write_text(json.dumps(results, default=vars, indent=1))
+    write_results(results)
+
+
+def write_results(results: dict[str, Any]) -> None:
+    """The section `## Recurrent steps` of bench/RESULTS.md (after what bench/run.py wrote)."""
+    lines = [
+        "## Recurrent steps (`bench/recurrent.py`)",
+        "",
+        "The real RLlib LSTM export (cartpole_lstm), 32 episodes stepped round robin with the "
+        "envelope, `POST /predict`, 32 connections, against the bundled CartPole MLP's `/predict` "
+        "(a non-recurrent policy of the same size) and the LSTM's own `/predict` without an "
+        "episode (the initial state, nothing held), in the same run:",
+        "",
+        "| workers | step requests/s | p99 ms | MLP requests/s | no episode requests/s "
+        "| step vs MLP | step vs no episode | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    targets = []
+    for label, f in results.items():
+        step, mlp = f["recurrent_step_c32"], f["mlp_predict_c32"]
+        none = f["recurrent_no_episode_c32"]
+        lines.append(
+            f"| {label.removeprefix('workers ')} | {step.requests_per_s:,.0f} | {step.p99_ms:.2f} "
+            f"| {mlp.requests_per_s:,.0f} | {none.requests_per_s:,.0f} | {f['step_vs_mlp']:.2f}x "
+            f"| {f['step_vs_no_episode']:.2f}x | {step.errors} |"
+        )
+        verdict = "met" if f["step_vs_mlp"] >= 0.7 else "**missed**"
+        targets.append(
+            f"| a recurrent step >= 0.7x a non-recurrent `/predict` ({label}) "
+            f"| {f['step_vs_mlp']:.2f}x | {verdict} |"
+        )
+    lines += ["", "| target | this run | verdict |", "|---|---|---|", *targets]
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    marker = "## Recurrent steps"
+    if marker in text:
+        text = text[: text.index(marker)]
+    RESULTS.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
