@@ -51,7 +51,7 @@ class Prometheus:
                 result = self.query(expression)
                 if done(result):
                     return result
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):  # not up yet: no answer, or no JSON
                 pass
             time.sleep(0.5)
         raise AssertionError(f"{expression} never gave the expected answer: {result}")
