@@ -37,12 +37,14 @@ def build_app(
     managers: ManagerFactory = PolicyManager,
     episodes: EpisodeStore | None = None,
     grpc: bool = False,
+    worker_header: bool = False,
 ) -> FastAPI:
     """The whole server for `settings`; `callers` overrides how model calls are made (the
     Ray Serve ingress passes its deployment handle). A worker of `serve --workers N` passes
     its name (its decision-log stream), a manager that follows the other workers, and the
     episode store all workers share. `grpc`: serve the gRPC port of the settings too (the
-    `serve` command does; an app imported by uvicorn or Ray Serve does not)."""
+    `serve` command does; an app imported by uvicorn or Ray Serve does not). `worker_header`:
+    name the worker in the header `policy-server-worker` of every answer."""
     metrics = Metrics()
     registry = PolicyRegistry()
     manager = managers(settings, registry, metrics)
@@ -85,6 +87,7 @@ def build_app(
         rollouts,
         routes=v2_routes(plane),
         services=services,
+        worker=worker if worker_header else None,
     )
     freeze_garbage()
     return app

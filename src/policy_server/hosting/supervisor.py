@@ -53,7 +53,6 @@ from policy_server.hosting.shared_state import (
 )
 from policy_server.logs import configure_logging
 from policy_server.metrics import Metrics
-from policy_server.protocols.rest.middleware.worker_header import WorkerHeader
 from policy_server.serving.episodes import SharedEpisodes
 from policy_server.serving.lifecycle import PolicyManager
 from policy_server.serving.registry import PolicyRegistry
@@ -84,7 +83,12 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
                 run.episodes, settings.max_episodes, settings.episode_idle_s, state_secret(settings)
             )
             app = build_app(
-                settings, worker=str(index), managers=manager, episodes=episodes, grpc=True
+                settings,
+                worker=str(index),
+                managers=manager,
+                episodes=episodes,
+                grpc=True,
+                worker_header=True,
             )
     except PolicyLoadError as error:
         run.startup_error.write_text(str(error))
@@ -92,7 +96,6 @@ def worker_app(settings: Settings, run: RunFolder) -> FastAPI:
         logger.exception("worker %d failed to start", index)
         run.startup_error.write_text(f"worker {index} failed to start: {error!r}")
     else:
-        app.add_middleware(WorkerHeader, worker=str(index))
         return app
     # uvicorn's supervisor stops on this code rather than restart a worker that cannot start.
     sys.exit(STARTUP_FAILURE)

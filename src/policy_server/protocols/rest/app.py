@@ -22,10 +22,7 @@ from policy_server.metrics import Metrics
 from policy_server.protocols.auth import KeyRing, header_scheme
 from policy_server.protocols.rest.docs import install_docs
 from policy_server.protocols.rest.errors import error_response, install_error_handlers
-from policy_server.protocols.rest.middleware.body_limits import BodySizeLimit
-from policy_server.protocols.rest.middleware.head import HeadAsGet
-from policy_server.protocols.rest.middleware.request_observer import RequestObserver
-from policy_server.protocols.rest.middleware.trailing_slash import StripTrailingSlash
+from policy_server.protocols.rest.middleware.front import FastRoutes, Front
 from policy_server.protocols.rest.openapi import install_number_formats
 from policy_server.protocols.rest.operations import Context, build_routes, routes_shape
 from policy_server.protocols.rest.policies import add_policy_routes
@@ -74,7 +71,9 @@ def create_app(
     rollouts: RolloutController | None = None,
     routes: Sequence[BaseRoute] = (),
     services: Sequence[Service] = (),
+    worker: str | None = None,
 ) -> FastAPI:
+    """The app; `worker`: the name sent in `policy-server-worker` (under `serve --workers`)."""
     registry = service.registry
     builder = ClientBuilder(
         lambda: app.openapi(),
@@ -120,17 +119,25 @@ def create_app(
     install_number_formats(app)
     app.router.redirect_slashes = False
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(HeadAsGet)
-    app.add_middleware(RequestObserver, metrics=metrics)
-    if settings.cors_origin_list:
+    cors = bool(settings.cors_origin_list)
+    if cors:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "HEAD", "POST", "PUT"],
             allow_headers=["access-token", "content-type"],
         )
-    app.add_middleware(StripTrailingSlash)
+    # In front of everything (see its module); the prediction routes answer from there.
+    fast = FastRoutes()
+    app.add_middleware(
+        Front,
+        metrics=metrics,
+        max_bytes=settings.max_body_bytes,
+        routes=fast,
+        handlers=app.exception_handlers,
+        worker=worker,
+        cors=cors,
+    )
 
     @app.get("/", operation_id="health", tags=["health"], summary='Liveness: answers "ok"')
     async def health() -> str:
@@ -160,6 +167,7 @@ def create_app(
             return
         installed[:] = [shape]
         app.router.routes = [*fixed, *build_routes(context)]
+        fast.build(app.router.routes, app.router)
         app.openapi_schema = None
 
     install_routes()

@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Path, Query, Security
-from fastapi.routing import APIRoute
-from starlette.requests import Request
-from starlette.routing import Match
-from starlette.types import Receive, Scope, Send
 
 from policy_server.policy.loaded import LoadedPolicy
 from policy_server.protocols.auth import KeyRing, header_scheme
@@ -35,7 +31,6 @@ from policy_server.protocols.rest.errors import (
 from policy_server.protocols.rest.handlers import (
     SEED_MAX,
     BatchLimit,
-    Handler,
     PredictionHandler,
     SchemaHandler,
 )
@@ -45,6 +40,7 @@ from policy_server.protocols.rest.models import (
     prediction_batch_model,
     prediction_model,
 )
+from policy_server.protocols.routes import DirectRoute
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry
 from policy_server.serving.service import PolicyService
 
@@ -175,36 +171,8 @@ OPERATIONS = (
 )
 
 
-class PolicyRoute(APIRoute):
-    """A route whose request handling is ours; FastAPI describes it from `endpoint`.
-
-    It answers without FastAPI's per-request wrapping (two exit stacks for dependencies
-    that never run here, and a second exception wrapper): an error goes on to the app's
-    ExceptionMiddleware, which renders it with the same handlers."""
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], handler: Handler, **kw: Any):
-        self._handler = handler
-        super().__init__(path, endpoint, **kw)
-        self.app = self._answer
-        # The router tries every route in turn, and most are some other policy's or
-        # operation's: a string test turns those away before the regular expression.
-        self._exact = "{" not in path
-        self._prefix = path.split("{", 1)[0]
-
-    def get_route_handler(self) -> Handler:  # type: ignore[override]
-        return self._handler
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        # Under a root_path, Starlette's own matching (which strips it) decides.
-        if scope["type"] == "http" and not scope.get("root_path"):
-            path = scope["path"]
-            if path != self.path if self._exact else not path.startswith(self._prefix):
-                return Match.NONE, {}
-        return super().matches(scope)
-
-    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self._handler(Request(scope, receive, send))
-        await response(scope, receive, send)
+class PolicyRoute(DirectRoute):
+    """A native prediction or schema route."""
 
 
 @dataclass

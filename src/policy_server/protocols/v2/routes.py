@@ -15,13 +15,13 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Body, Path, Security
-from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from policy_server.errors import PolicyServerError
 from policy_server.protocols.auth import header_scheme, supplied_key
+from policy_server.protocols.routes import DirectRoute
 from policy_server.protocols.v2.dataplane import DataPlane, InferRequest, InferResponse
 from policy_server.protocols.v2.errors import http_status
 from policy_server.protocols.v2.models import (
@@ -68,17 +68,10 @@ _BINARY: dict[int | str, dict[str, Any]] = {
 _NOT_READY: dict[int | str, dict[str, Any]] = {503: {"model": V2Ready, "description": "Not ready"}}
 
 
-class V2Route(APIRoute):
-    """A route whose request handling is ours; FastAPI describes it from `endpoint`."""
+class V2Route(DirectRoute):
+    """A route of the Open Inference Protocol's REST API."""
 
-    protocol = "v2"  # the `protocol` label of its metrics and log lines
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], handler: Handler, **kw: Any):
-        self._handler = handler
-        super().__init__(path, endpoint, **kw)
-
-    def get_route_handler(self) -> Handler:  # type: ignore[override]
-        return self._handler
+    protocol = "v2"
 
 
 def v2_routes(plane: DataPlane) -> list[BaseRoute]:
