@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Security
@@ -15,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
+from starlette.types import Receive, Scope, Send
 
 from policy_server import __version__
 from policy_server.experience.log import DecisionLog, DecisionLogClosed
@@ -58,6 +60,18 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class PolicyApp(FastAPI):
+    """The FastAPI app with our front layer ahead of Starlette's own stack (its error,
+    exception and body-limit middlewares and the router): every request meets the front
+    first, and a prediction is answered there without the rest (see `Front`)."""
+
+    front: Front
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self  # as Starlette does: `request.app` in every handler
+        await self.front(scope, receive, send)
 
 
 def create_app(
@@ -105,7 +119,7 @@ def create_app(
             metrics.stop_serving()
 
     names = ", ".join(f"**{e.name}**" for e in registry.entries())
-    app = FastAPI(
+    app = PolicyApp(
         lifespan=lifespan,
         title="Policy server" + (f": {registry.default_name}" if registry.default_name else ""),
         version=__version__,
@@ -129,8 +143,8 @@ def create_app(
         )
     # In front of everything (see its module); the prediction routes answer from there.
     fast = FastRoutes()
-    app.add_middleware(
-        Front,
+    app.front = Front(
+        partial(FastAPI.__call__, app),
         metrics=metrics,
         max_bytes=settings.max_body_bytes,
         routes=fast,

@@ -19,10 +19,13 @@ one JSON error shape for every error.
 A POST to a prediction route (the native routes and the Open Inference Protocol's infer) is
 then answered here: the route table built with the routes finds its route in one dictionary
 lookup, and the route's own handler runs, its errors rendered by the app's exception handlers
-exactly as FastAPI's exception middleware would. Every other request goes through the rest of
-the stack (CORS, FastAPI's exception handling, the router). One layer instead of five is what
-uvicorn's and Starlette's authors advise for a cheap request: each ASGI layer is a Python call
-in and out, and a closure over `send`, for every request.
+exactly as Starlette's server-error layer and FastAPI's exception middleware would (an
+unexpected error is answered 500 and raised to the server, which logs it). Every other request
+goes through the rest of the stack (Starlette's and FastAPI's own middlewares, CORS, the
+router). The front is called by the app itself (`PolicyApp.__call__`), ahead of Starlette's
+stack: one layer of ours instead of nine is what uvicorn's and Starlette's authors advise for
+a cheap request, since each ASGI layer is a Python call in and out, and a closure over `send`,
+for every request.
 """
 
 from __future__ import annotations
@@ -217,12 +220,15 @@ class Front:
                 try:
                     await route.app(scope, limited, observed_send)  # type: ignore[attr-defined]
                 except Exception as error:
-                    handler = self._handler(error)
-                    if handler is None:
-                        raise
                     if sent:
                         raise RuntimeError("an error after the response started") from error
-                    await self._render(handler, error, scope, limited, observed_send)
+                    handler, expected = self._handler(error)
+                    if handler is not None:
+                        await self._render(handler, error, scope, limited, observed_send)
+                    if not expected:
+                        # As Starlette's server-error layer: answered 500, and raised to
+                        # the server, which logs it.
+                        raise
         finally:
             in_flight.dec()
             self._record(scope, method, status, time.perf_counter() - started, request_id)
@@ -238,19 +244,20 @@ class Front:
             return HTTPException(413, self.too_large, {"connection": "close"})
         return None
 
-    def _handler(self, error: Exception) -> Callable[..., Any] | None:
-        """The handler FastAPI's exception middleware would choose: by status code for an
-        HTTPException, else by class; `Exception` itself is left to the server-error layer
-        outside, which renders it and re-raises it to the server."""
+    def _handler(self, error: Exception) -> tuple[Callable[..., Any] | None, bool]:
+        """The handler Starlette's layers would choose, and whether the error is an expected
+        one: FastAPI's exception middleware's choice (by status code for an HTTPException,
+        else by class) or, for any other error, the server-error layer's (the handler of
+        500 or `Exception`)."""
         handlers = self.handlers
         if isinstance(error, HTTPException) and error.status_code in handlers:
-            return handlers[error.status_code]
+            return handlers[error.status_code], True
         for kind in type(error).__mro__:
             if kind is Exception:
-                return None
+                break
             if kind in handlers:
-                return handlers[kind]
-        return None
+                return handlers[kind], True
+        return handlers.get(500) or handlers.get(Exception), False
 
     @staticmethod
     async def _render(
