@@ -104,13 +104,17 @@ class GatedCaller:
         self.closed = False
 
     async def forward(
-        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+        self,
+        rows: npt.NDArray[np.float32],
+        step: StepInputs | None = None,
+        timeout_s: float | None = None,
     ) -> ModelOutputs:
         gate = self.gate
         gate.calls[self.label] = gate.calls.get(self.label, 0) + 1
         if self.label in gate.held:
             gate.waiting.set()
-            await gate.opened.wait()
+            async with asyncio.timeout(timeout_s):  # as every caller keeps its time-out
+                await gate.opened.wait()
         return self.runtime.forward(rows, step)
 
     async def close(self) -> None:

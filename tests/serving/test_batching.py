@@ -158,3 +158,50 @@ def test_a_call_that_outlives_its_caller_leaves_the_batcher_serving() -> None:
             await batcher.close()
 
     assert asyncio.run(scenario()).logits.tolist() == [[2, 2, 2]]
+
+
+def test_the_time_out_fails_the_computed_and_the_queued_requests_alone() -> None:
+    """A slow call in the version's thread: its request, and one queued behind it, time out
+    at their own deadlines; a request without a time-out waits for its answer; the batcher
+    then serves the next request."""
+    model = EchoModel(delay=0.3)
+
+    async def scenario() -> tuple[list[object], float, ModelOutputs]:
+        batcher = MicroBatcher(model.forward, max_batch_size=1, max_wait_s=0)
+        try:
+            started = asyncio.get_running_loop().time()
+            first = asyncio.ensure_future(batcher.forward(rows(1), timeout_s=0.05))
+            await asyncio.sleep(0.01)  # the first is in the thread before the others come
+            others = [
+                batcher.forward(rows(2), timeout_s=0.1),
+                batcher.forward(rows(3)),
+            ]
+            results: list[object] = list(
+                await asyncio.gather(first, *others, return_exceptions=True)
+            )
+            elapsed = asyncio.get_running_loop().time() - started
+            return results, elapsed, await batcher.forward(rows(4), timeout_s=5)
+        finally:
+            await batcher.close()
+
+    (first, second, third), elapsed, after = asyncio.run(scenario())
+    assert isinstance(first, TimeoutError) and isinstance(second, TimeoutError)
+    assert isinstance(third, ModelOutputs) and third.logits.tolist() == [[3, 3, 3]]
+    assert elapsed >= 0.3, "the request without a time-out waited for its call"
+    assert after.logits.tolist() == [[4, 4, 4]]
+    # The timed-out second request was dropped from the queue, never computed.
+    assert model.batches == [1, 1, 1]
+
+
+def test_a_time_out_also_holds_while_a_batch_waits_to_fill() -> None:
+    model = EchoModel()
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(model.forward, max_batch_size=8, max_wait_s=0.5)
+        try:
+            with pytest.raises(TimeoutError):
+                await batcher.forward(rows(1), timeout_s=0.05)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())

@@ -4,6 +4,7 @@ In-process, on runtimes made in the test, through the real micro-batcher."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from policy_server.errors import InferenceTimeout, InvalidRows
 from policy_server.runtime.base import ModelOutputs, StepInputs
+from policy_server.serving.batching import MicroBatcher
 from policy_server.serving.registry import PolicyEntry, PolicyRegistry, PolicyVersion
 from policy_server.serving.service import (
     Episode,
@@ -31,19 +33,6 @@ class Recorder:
 
     async def observe(self, event: PredictionEvent) -> None:
         self.events.append(event)
-
-
-class Stalled:
-    """A model caller that never answers."""
-
-    async def forward(
-        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
-    ) -> ModelOutputs:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def close(self) -> None:
-        pass
 
 
 def rows(*values: Sequence[float]) -> npt.NDArray[np.float32]:
@@ -151,11 +140,26 @@ def test_groups_are_checked_as_a_whole_and_errors_name_the_request_rows() -> Non
 
 
 def test_a_model_that_does_not_answer_in_time_times_out() -> None:
+    """The model call runs in the version's thread (its size was never seen), stalls, and
+    the request is answered 504 after the time-out while the call goes on."""
     service, entry, recorder = service_of(["1"], PolicySettings(inference_timeout_s=0.05))
     version = entry.versions["1"]
-    version.caller = Stalled()
+    release = threading.Event()
+
+    def stalled(rows: npt.NDArray[np.float32], step: StepInputs | None = None) -> ModelOutputs:
+        release.wait(10)
+        return ModelOutputs(np.zeros((len(rows), 2), np.float32), None)
+
+    async def scenario() -> None:
+        version.caller = MicroBatcher(stalled, 8, 0)
+        try:
+            await service.predict(version, rows([1, 0]))
+        finally:
+            release.set()
+            await version.caller.close()
+
     with pytest.raises(InferenceTimeout, match=r"did not answer within 0\.05 s"):
-        asyncio.run(service.predict(version, rows([1, 0])))
+        asyncio.run(scenario())
     assert recorder.events == [] and version.in_flight == 0
 
 

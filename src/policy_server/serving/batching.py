@@ -11,12 +11,18 @@ worker's other connections) nor the caller's time-out. A call expected to take l
 itself instead, where handing it to the thread and back would cost more than the call; the
 expectation is the recent duration of calls of about the same size, and a size not seen yet
 goes to the thread.
+
+A caller's time-out (queueing included) is kept by the batcher: each request carries its
+deadline, and one timer, armed only while the worker waits (for the thread, or for a batch to
+fill), fails the requests whose deadline passed. A call on the loop cannot be interrupted
+anyway, so the requests of quick calls arm no timer of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,12 +41,13 @@ Forward = Callable[..., ModelOutputs]
 INLINE_BUDGET_S = 0.001
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     rows: npt.NDArray[np.float32]
     future: asyncio.Future[ModelOutputs]
     # A recurrent policy's state and previous actions and rewards, one row per observation.
-    step: StepInputs | None = None
+    step: StepInputs | None
+    deadline: float  # the loop's clock; infinite without a time-out
 
 
 class MicroBatcher:
@@ -70,13 +77,26 @@ class MicroBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._durations = Durations(inline_budget_s)
+        # The batch being computed while the worker waits for the thread, and the one timer
+        # that fails the waiting requests whose deadline passed.
+        self._running: list[_Pending] = []
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def forward(
-        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+        self,
+        rows: npt.NDArray[np.float32],
+        step: StepInputs | None = None,
+        timeout_s: float | None = None,
     ) -> ModelOutputs:
-        """The model's outputs for `rows`, computed in a batch with concurrent callers."""
-        future: asyncio.Future[ModelOutputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future, step))
+        """The model's outputs for `rows`, computed in a batch with concurrent callers;
+        TimeoutError when they have not come within `timeout_s` (the model call goes on
+        in its thread, and its result is dropped)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ModelOutputs] = loop.create_future()
+        deadline = math.inf if timeout_s is None else loop.time() + timeout_s
+        self._queue.append(_Pending(rows, future, step, deadline))
+        if self._running:  # the worker waits: this request's deadline may come first
+            self._arm(deadline)
         if self._worker is None or self._worker.done():
             # The event of this loop: a client without lifespan runs each request on an event
             # loop of its own, whose end cancels the worker.
@@ -86,6 +106,7 @@ class MicroBatcher:
         return await future
 
     async def close(self) -> None:
+        self._disarm()
         if self._worker is not None:
             self._worker.cancel()
         if self._thread is not None:
@@ -99,7 +120,11 @@ class MicroBatcher:
                 await self._ready.wait()
             batch = self._take()
             if self._max_wait_s > 0 and self._size(batch) < self._max_batch_size:
+                self._running = batch
+                self._arm()
                 await asyncio.sleep(self._max_wait_s)
+                self._disarm()
+                batch = [p for p in batch if not p.future.done()]
                 batch += self._take(self._max_batch_size - self._size(batch))
             await self._execute(batch)
             # Let the requests that arrived meanwhile reach the queue before the next batch.
@@ -133,7 +158,12 @@ class MicroBatcher:
             else:
                 loop = asyncio.get_running_loop()
                 call = self._executor()
-                outputs, seconds = await loop.run_in_executor(call, self._timed, rows, step)
+                self._running = batch
+                self._arm()
+                try:
+                    outputs, seconds = await loop.run_in_executor(call, self._timed, rows, step)
+                finally:
+                    self._disarm()
         except Exception as error:
             await self._execute_alone(batch, error)
             return
@@ -146,6 +176,34 @@ class MicroBatcher:
             if not pending.future.done():
                 pending.future.set_result(outputs.rows(start, end))
             start = end
+
+    def _arm(self, earliest: float | None = None) -> None:
+        """Set the watchdog at the earliest deadline of the requests waiting (those being
+        computed and the queued), or at `earliest` if sooner than the one set."""
+        if earliest is None:
+            waiting = (*self._running, *self._queue)
+            earliest = min((p.deadline for p in waiting if not p.future.done()), default=math.inf)
+        elif self._watchdog is not None and self._watchdog.when() <= earliest:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if earliest < math.inf:
+            self._watchdog = asyncio.get_running_loop().call_at(earliest, self._expire)
+
+    def _disarm(self) -> None:
+        self._running = []
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _expire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for pending in (*self._running, *self._queue):
+            if not pending.future.done() and pending.deadline <= now:
+                pending.future.set_exception(TimeoutError())
+        self._watchdog = None
+        self._arm()
 
     def _timed(
         self, rows: npt.NDArray[np.float32], step: StepInputs | None

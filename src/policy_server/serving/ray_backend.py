@@ -121,10 +121,16 @@ class RayForward:
         self._on_replica = on_replica
 
     async def forward(
-        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+        self,
+        rows: npt.NDArray[np.float32],
+        step: StepInputs | None = None,
+        timeout_s: float | None = None,
     ) -> ModelOutputs:
         try:
-            logits, value, state, replica = await self._handle.forward.remote((rows, step))
+            async with asyncio.timeout(timeout_s):
+                logits, value, state, replica = await self._handle.forward.remote((rows, step))
+        except TimeoutError:
+            raise
         except Exception as error:  # a replica died or is restarting: ask the client to retry
             logger.warning("Ray Serve request failed: %s", error)
             raise BackendUnavailable(

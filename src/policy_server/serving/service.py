@@ -110,10 +110,17 @@ class Group:
 
 
 class ModelCaller(Protocol):
-    """How the service reaches a version's model: the in-process micro-batcher, or Ray Serve."""
+    """How the service reaches a version's model: the in-process micro-batcher, or Ray Serve.
+
+    `forward` raises TimeoutError when the outputs have not come within `timeout_s` (the
+    wait for the model included): the caller keeps the time-out, so that a quick call with
+    nothing to wait for arms no timer."""
 
     async def forward(
-        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+        self,
+        rows: npt.NDArray[np.float32],
+        step: StepInputs | None = None,
+        timeout_s: float | None = None,
     ) -> ModelOutputs: ...
 
     async def close(self) -> None: ...
@@ -561,8 +568,7 @@ class PolicyService:
             raise PolicyUnavailable(f"{version.name} version {version.version} is not attached")
         timeout = self.registry.entry(version.name).settings.inference_timeout_s
         try:
-            async with asyncio.timeout(timeout):
-                outputs: ModelOutputs = await caller.forward(rows, inputs)
+            outputs: ModelOutputs = await caller.forward(rows, inputs, timeout)
         except TimeoutError:
             raise InferenceTimeout(
                 f"{version.name} version {version.version} did not answer within {timeout:g} s"

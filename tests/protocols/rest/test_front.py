@@ -27,7 +27,10 @@ class BrokenCaller:
     """A model caller whose every call fails with an error nobody expects."""
 
     async def forward(
-        self, rows: npt.NDArray[np.float32], step: StepInputs | None = None
+        self,
+        rows: npt.NDArray[np.float32],
+        step: StepInputs | None = None,
+        timeout_s: float | None = None,
     ) -> ModelOutputs:
         raise RuntimeError("the model's library broke")
 
