@@ -38,8 +38,11 @@ header_scheme = APIKeyHeader(
 )
 
 
+_TOKEN_HEADER = TOKEN_NAME.encode()
+
+
 def supplied_key(connection: HTTPConnection) -> str | None:
-    key = connection.headers.get(TOKEN_NAME) or connection.cookies.get(TOKEN_NAME)
+    key = _header_key(connection.scope["headers"]) or connection.cookies.get(TOKEN_NAME)
     if key:
         return key
     key = connection.query_params.get(TOKEN_NAME)
@@ -50,6 +53,14 @@ def supplied_key(connection: HTTPConnection) -> str | None:
             "send it as header 'access-token'"
         )
     return key or None
+
+
+def _header_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The header's first value, as Starlette's `Headers.get` gives it, from the raw list."""
+    for name, value in headers:
+        if name == _TOKEN_HEADER:
+            return value.decode("latin-1")
+    return None
 
 
 def _matches(supplied: bytes, keys: tuple[bytes, ...]) -> bool:

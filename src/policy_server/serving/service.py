@@ -8,6 +8,7 @@ masks, chooses actions and hands the result to the observers (metrics, decision 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import threading
@@ -589,6 +590,8 @@ class PolicyService:
         await asyncio.shield(attaching)
 
     def _check(self, version: PolicyVersion, logits: npt.NDArray[np.floating[Any]]) -> None:
+        if math.isfinite(logits.sum()):  # every logit finite: one call, no per-row test
+            return
         bad = ~version.loaded.distribution.valid_rows(logits)
         if not bad.any():
             return
@@ -639,7 +642,10 @@ class PolicyService:
     ) -> list[Prediction]:
         values = chosen.values.tolist()
         log_probs = chosen.log_prob.tolist()
-        probabilities = np.exp(chosen.log_prob).tolist()
+        if len(log_probs) == 1:  # a numpy call costs more than one exponential
+            probabilities = [math.exp(log_probs[0])]
+        else:
+            probabilities = np.exp(chosen.log_prob).tolist()
         estimates = [None] * len(values) if outputs.value is None else outputs.value.tolist()
         name, label = version.name, version.version
         predictions: list[Prediction] = [

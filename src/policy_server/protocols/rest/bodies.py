@@ -335,30 +335,39 @@ class Validators:
 
     types: BodyTypes
     adapters: dict[str, TypeAdapter[Any]]
-    # Batches without envelopes, validated into plain dicts and lists: the common case,
-    # at a fraction of the cost. A body they refuse goes through `adapters`, whose errors
-    # are the ones answered.
-    flat_batches: dict[str, TypeAdapter[Any]]
+    # Bodies without envelopes (a flat observation, a batch of them), validated into plain
+    # dicts and lists and read straight into model rows: the common case, at a fraction of
+    # the cost. A body they refuse goes through `adapters`, which decide what it is (an
+    # envelope, say), and whose errors are the ones answered.
+    flat: dict[str, tuple[TypeAdapter[Any], bool]]
+    policy: LoadedPolicy
 
     def validate(self, kind: str, body: bytes) -> Any:
         return self.adapters[kind].validate_json(body)
 
-    def flat_batch(self, kind: str, body: bytes) -> list[Any] | None:
-        adapter = self.flat_batches.get(kind)
-        if adapter is None:
+    def flat_rows(self, kind: str, body: bytes) -> npt.NDArray[np.float32] | None:
+        """Model rows of a body without envelopes, None for any other body."""
+        found = self.flat.get(kind)
+        if found is None:
             return None
+        adapter, batch = found
         try:
-            items: list[Any] = adapter.validate_json(body)["observations"]
+            value = adapter.validate_json(body)
         except ValidationError:
             return None
-        return items
+        items: list[Any] = value["observations"] if batch else [value]
+        if kind.startswith("raw"):
+            return np.asarray([item if batch else item["obs"] for item in items], np.float32)
+        return dict_rows(self.policy.schema, items)
 
 
-def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
-    """Cached on the version: built once, used on every request."""
-    key = f"api.validators.{max_batch}"
+def validators(policy: LoadedPolicy, max_observations: int, max_body_bytes: int) -> Validators:
+    """Cached on the version: built once, used on every request. Its batches hold at most
+    `batch_limit` observations."""
+    key = f"api.validators.{max_observations}.{max_body_bytes}"
     found: Validators | None = policy.derived.get(key)
     if found is None:
+        max_batch = batch_limit(policy, max_observations, max_body_bytes)
         types = body_types(policy, max_batch)
         adapters: dict[str, TypeAdapter[Any]] = {
             kind: TypeAdapter(getattr(types, kind))
@@ -367,27 +376,33 @@ def validators(policy: LoadedPolicy, max_batch: int) -> Validators:
         }
         # /step_batch: the typed batch, whose items may be envelopes; raw without schema fields.
         adapters["step_batch"] = adapters.get("typed_batch") or adapters["raw_batch"]
-        found = policy.derived[key] = Validators(types, adapters, _flat_batches(policy, max_batch))
+        found = Validators(types, adapters, _flat(policy, max_batch), policy)
+        policy.derived[key] = found
     return found
 
 
-def _flat_batches(policy: LoadedPolicy, max_batch: int) -> dict[str, TypeAdapter[Any]]:
+def _flat(policy: LoadedPolicy, max_batch: int) -> dict[str, tuple[TypeAdapter[Any], bool]]:
     width = policy.runtime.observation_width
     vector = Annotated[list[raw_number()], Field(min_length=width, max_length=width)]  # type: ignore[misc,valid-type]
-    items = {"raw_batch": vector, "typed_batch": observation_dict(policy.schema)}
-    return {
-        kind: TypeAdapter(_batch_dict(item, max_batch))
-        for kind, item in items.items()
-        if item is not None
+    raw = with_config(ConfigDict(extra="forbid"))(TypedDict("RawDict", {"obs": vector}))  # type: ignore[operator]
+    typed = observation_dict(policy.schema)
+    flat: dict[str, tuple[TypeAdapter[Any], bool]] = {
+        "raw": (TypeAdapter(raw), False),
+        "raw_batch": (TypeAdapter(_batch_dict(vector, max_batch)), True),
     }
+    if typed is not None:
+        flat["typed"] = (TypeAdapter(typed), False)
+        flat["typed_batch"] = (TypeAdapter(_batch_dict(typed, max_batch)), True)
+    return flat
 
 
 def _batch_dict(item: Any, max_batch: int) -> Any:
-    @with_config(ConfigDict(extra="forbid"))
-    class FlatBatch(TypedDict):
-        observations: Annotated[list[item], Field(min_length=1, max_length=max_batch)]
-
-    return FlatBatch
+    # Built from values, not annotations: this module's annotations are strings, which
+    # pydantic would resolve in whatever frame builds the adapter.
+    observations = Annotated[list[item], Field(min_length=1, max_length=max_batch)]
+    return with_config(ConfigDict(extra="forbid"))(
+        TypedDict("FlatBatch", {"observations": observations})  # type: ignore[operator]
+    )
 
 
 @dataclass
@@ -439,12 +454,6 @@ def unwrap(items: Sequence[Any], raw_model: type[BaseModel] | None = None) -> Pa
     return Parsed(observations, episodes, masks, raw_model)
 
 
-def flat_rows(policy: LoadedPolicy, kind: str, items: list[Any]) -> npt.NDArray[np.float32]:
-    if kind == "raw_batch":
-        return np.asarray(items, dtype=np.float32)
-    return dict_rows(policy.schema, items)
-
-
 def rows_of(
     policy: LoadedPolicy, observations: Sequence[Any], raw_model: type[BaseModel] | None = None
 ) -> npt.NDArray[np.float32]:
@@ -458,6 +467,7 @@ def rows_of(
 
 def same_layout(a: LoadedPolicy, b: LoadedPolicy) -> bool:
     """Whether a body validated for `a` is valid, and means the same, for `b`."""
-    return a.schema.observations == b.schema.observations and (
-        a.runtime.observation_width == b.runtime.observation_width
+    return a is b or (
+        a.schema.observations == b.schema.observations
+        and (a.runtime.observation_width == b.runtime.observation_width)
     )

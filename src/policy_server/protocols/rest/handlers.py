@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
@@ -20,13 +20,13 @@ from policy_server.policy.loaded import LoadedPolicy
 from policy_server.protocols.rest.bodies import (
     Parsed,
     batch_limit,
-    flat_rows,
     rows_of,
     same_layout,
     unwrap,
     validators,
 )
 from policy_server.protocols.rest.responses import json_response, policy_info
+from policy_server.protocols.routes import header, read_body
 from policy_server.serving.registry import PolicyEntry, PolicyVersion
 from policy_server.serving.service import Group, Prediction
 
@@ -39,8 +39,7 @@ _DIGITS = re.compile(rb"^[0-9]{1,19}$")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-@dataclass(frozen=True)
-class BatchLimit:
+class BatchLimit(NamedTuple):
     """A policy's configured batch limit, lowered where the body limit would not take it."""
 
     max_observations: int
@@ -85,7 +84,7 @@ class PredictionHandler(_Handler):
     async def __call__(self, request: Request) -> Response:
         entry = self._entry(request)
         operation = self.operation
-        seed = _seed(request) if operation.seeded else None
+        seed = _seed(request) if operation.seeded and request.scope["query_string"] else None
         body = await _json_body(request)
         # From here to the service's lease, nothing awaits: the versions chosen stay loaded.
         pinned = self._pinned(request, entry)
@@ -168,7 +167,9 @@ class PredictionHandler(_Handler):
         version = pinned or entry.route(parsed.episode_id)
         if not same_layout((pinned or entry.primary or version).loaded, version.loaded):
             parsed = _parse(version.loaded, self.operation, body, limit)
-        rows = rows_of(version.loaded, parsed.observations, parsed.raw_model)
+        rows = parsed.rows
+        if rows is None:
+            rows = rows_of(version.loaded, parsed.observations, parsed.raw_model)
         try:
             result = await self.context.service.distribution(
                 version, rows, parsed.masks, parsed.episodes
@@ -189,10 +190,10 @@ def _pick(values: list[Any] | None, indices: list[int], whole: bool) -> list[Any
 
 
 def _parse(policy: LoadedPolicy, operation: Operation, body: bytes, limit: BatchLimit) -> Parsed:
-    checks = validators(policy, limit.of(policy))
-    flat = checks.flat_batch(operation.kind, body)
-    if flat is not None:
-        return Parsed([], None, None, rows=flat_rows(policy, operation.kind, flat))
+    checks = validators(policy, *limit)
+    rows = checks.flat_rows(operation.kind, body)
+    if rows is not None:
+        return Parsed([], None, None, rows=rows)
     try:
         value = checks.validate(operation.kind, body)
     except ValidationError as error:
@@ -233,12 +234,12 @@ def _refusal(adapter: TypeAdapter[Any], body: bytes, error: ValidationError) -> 
 
 
 async def _json_body(request: Request) -> bytes:
-    content_type = request.headers.get("content-type")
-    if content_type is not None and "json" not in content_type.lower():
+    content_type = header(request.scope, b"content-type")
+    if content_type is not None and b"json" not in content_type.lower():
         raise RequestValidationError(
             [{"type": "content_type", "loc": ("body",), "msg": "not a JSON body"}]
         )
-    return await request.body()
+    return await read_body(request.receive)
 
 
 def _seed(request: Request) -> int | None:
