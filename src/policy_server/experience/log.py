@@ -44,7 +44,12 @@ from policy_server.experience.files import (
 )
 from policy_server.experience.index import INDEX_NAME, DecisionIndex
 from policy_server.experience.metrics import DecisionLogMetrics
-from policy_server.experience.records import PendingDecisions, episode_end_record, reward_record
+from policy_server.experience.records import (
+    PendingDecisions,
+    episode_end_record,
+    pending_records,
+    reward_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +262,9 @@ class DecisionLog:
         self._pending.append(batch)
         self._queued += size
         self._queued_ids.update(batch.decision_ids)
-        self._queued_episodes += batch.episode_ids
+        if batch.episode_ids:
+            # update(), not +=: a Counter's += walks every key it holds.
+            self._queued_episodes.update(batch.episode_ids)
         self.metrics.queue_depth.set(self._queued)
         if self.sync or self._writer_idle or self._queued >= self._wake_at:
             self._cond.notify_all()
@@ -336,10 +343,12 @@ class DecisionLog:
         started = time.perf_counter()
         lines, decisions, rewarded = [], [], []
         written: list[Mapping[str, Any]] = []
+        pending = [b.records for b in batches if isinstance(b.records, PendingDecisions)]
+        built = iter(pending_records(pending))
         for batch in batches:
             records = batch.records
             if isinstance(records, PendingDecisions):
-                records = records.records()
+                records = next(built)
             written += records
             for record in records:
                 lines.append(orjson.dumps(record, option=_DUMPS_OPTIONS))
@@ -379,12 +388,23 @@ class DecisionLog:
             for batch in batches:
                 self._queued -= len(batch.records)
                 self._queued_ids.difference_update(batch.decision_ids)
-                self._queued_episodes -= batch.episode_ids
+                self._forget_episodes(batch.episode_ids)
             self.metrics.queue_depth.set(self._queued)
             self._wake_waiters()
         for batch in batches:
             if batch.done is not None:
                 batch.done.set_result(None)
+
+    def _forget_episodes(self, episodes: Counter[str]) -> None:
+        """Take a written batch's episodes off the queued ones (only their keys: a Counter's
+        -= walks every key it holds). The caller holds the condition."""
+        queued = self._queued_episodes
+        for episode, count in episodes.items():
+            left = queued[episode] - count
+            if left > 0:
+                queued[episode] = left
+            else:
+                del queued[episode]
 
     def _wake_waiters(self) -> None:
         """Wake every caller waiting for room (they retry); called holding the condition."""

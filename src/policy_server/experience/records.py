@@ -194,12 +194,13 @@ def _decision_rows(
     ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PendingDecisions:
     """One answered call's decisions as the request path has them: references to its arrays,
     nothing converted. `records()` builds the decision records (the distribution, the lists,
     the dicts); the decision log calls it on its writer thread. The arrays are not written
-    to after the answer, so reading them there is safe.
+    to after the answer, so reading them there is safe. Not frozen: a frozen dataclass sets
+    each of its fields through `object.__setattr__`, and every decision builds one.
     """
 
     time: float
@@ -225,6 +226,25 @@ class PendingDecisions:
     def episode_ids(self) -> list[str]:
         return [episode_id for episode_id, _ in self.episodes if episode_id]
 
+    def merges_with(self, other: PendingDecisions) -> bool:
+        """Whether the two calls' records can be built as one batch: same version, same
+        way of choosing, and neither with masks or a recurrent policy's inputs."""
+        return (
+            self.policy == other.policy
+            and self.version == other.version
+            and self.worker == other.worker
+            and self.sampled == other.sampled
+            and self.allocation == other.allocation
+            and self.action_distribution is other.action_distribution
+            and (self.values is None) == (other.values is None)
+            and self.masks is None
+            and other.masks is None
+            and self.inputs is None
+            and other.inputs is None
+            and self.state_resets is None
+            and other.state_resets is None
+        )
+
     def records(self) -> list[Decision]:
         return decision_records(
             policy=self.policy,
@@ -244,6 +264,61 @@ class PendingDecisions:
             allocation=self.allocation,
             now=self.time,
         )
+
+
+def pending_records(pending: Sequence[PendingDecisions]) -> list[list[Decision]]:
+    """The records of each call, in order. Consecutive calls that `merges_with` each other
+    are built as one batch (one distribution, one conversion of each array): the writer
+    thread holds the interpreter while it builds them, and the event loop waits for it."""
+    built: list[list[Decision]] = []
+    start = 0
+    while start < len(pending):
+        end = start + 1
+        while end < len(pending) and pending[start].merges_with(pending[end]):
+            end += 1
+        run = pending[start:end]
+        if len(run) == 1:
+            built.append(run[0].records())
+        else:
+            built += _split(_merged(run).records(), [len(p) for p in run], [p.time for p in run])
+        start = end
+    return built
+
+
+def _merged(run: Sequence[PendingDecisions]) -> PendingDecisions:
+    first = run[0]
+    values = [p.values for p in run]
+    return PendingDecisions(
+        time=first.time,
+        policy=first.policy,
+        version=first.version,
+        worker=first.worker,
+        decision_ids=[i for p in run for i in p.decision_ids],
+        episodes=[e for p in run for e in p.episodes],
+        rows=np.concatenate([p.rows for p in run]),
+        logits=np.concatenate([p.logits for p in run]),
+        chosen=Actions(
+            np.concatenate([p.chosen.values for p in run]),
+            np.concatenate([p.chosen.log_prob for p in run]),
+        ),
+        values=None if values[0] is None else np.concatenate(values),  # type: ignore[arg-type]
+        sampled=first.sampled,
+        action_distribution=first.action_distribution,
+        masks=None,
+        allocation=first.allocation,
+    )
+
+
+def _split(records: list[Decision], sizes: list[int], times: list[float]) -> list[list[Decision]]:
+    """A merged batch's records back into its calls, each with its own time."""
+    parts, start = [], 0
+    for size, when in zip(sizes, times, strict=True):
+        part = records[start : start + size]
+        for record in part:
+            record["time"] = when
+        parts.append(part)
+        start += size
+    return parts
 
 
 def _row_distributions(distribution: Distribution, batch: int) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ Every runtime hands its logits here, so TensorFlow and ONNX give the same distri
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ Array = npt.NDArray[np.floating[Any]]
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Actions:
     """Chosen actions for a batch: shape (batch, components), and their log-likelihood."""
 
@@ -43,6 +44,7 @@ class Categorical:
         self.sizes = sizes
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         self._slices = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        self._whole = len(sizes) == 1  # one component: a row is its block
 
     def _blocks(self, logits: Array) -> list[tuple[Array, Array]]:
         """Per component: logits shifted by their row maximum, and log of the partition sum.
@@ -118,15 +120,15 @@ class Categorical:
         `rng.random()` per component), the first maximum for the mode."""
         actions, total = [], 0.0
         for part in self._slices:
-            block = row[part]
+            block = row if self._whole else row[part]
             top = max(block)
             weights = [math.exp(x - top) for x in block]
             if rng is None:
                 chosen = block.index(top)
             else:
                 cumulative = list(itertools.accumulate(weights))
-                draw = rng.random() * cumulative[-1]
-                chosen = next(i for i, c in enumerate(cumulative) if c > draw)
+                # The first action whose cumulative weight exceeds the draw.
+                chosen = bisect.bisect_right(cumulative, rng.random() * cumulative[-1])
             actions.append(chosen)
             total += block[chosen] - top - math.log(sum(weights))
         return Actions(np.array([actions], dtype=np.int64), np.array([total]))

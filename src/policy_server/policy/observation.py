@@ -45,7 +45,7 @@ def observation_dict(schema: PolicySchema) -> Any | None:
 
 def dict_rows(schema: PolicySchema, items: list[dict[str, Any]]) -> npt.NDArray[np.float32]:
     """Model input rows of validated `observation_dict` items, in schema order."""
-    if not any(f.type.is_list for f in schema.observations):
+    if not any(schema.list_fields):
         return np.array([tuple(item.values()) for item in items], dtype=np.float32)
     lists = [(f.name, f.type.is_list) for f in schema.observations]
     return np.array(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -132,6 +133,11 @@ class PolicySchema:
     @property
     def has_observations(self) -> bool:
         return bool(self.observations)
+
+    @functools.cached_property
+    def list_fields(self) -> tuple[bool, ...]:
+        """Per observation field, whether it holds a list (read on every request)."""
+        return tuple(f.type.is_list for f in self.observations)
 
     @property
     def width(self) -> int | None:

@@ -15,8 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -124,6 +123,26 @@ class PolicyEntry:
         return shadow if shadow is not None and shadow.state is State.READY else None
 
 
+class Lease:
+    """A context manager that holds versions (see `PolicyRegistry.lease`); a class, not a
+    generator, because every request takes one."""
+
+    __slots__ = ("versions",)
+
+    def __init__(self, versions: tuple[PolicyVersion, ...]) -> None:
+        self.versions = versions
+
+    def __enter__(self) -> None:
+        for version in self.versions:
+            version.in_flight += 1
+
+    def __exit__(self, *_: object) -> None:
+        for version in self.versions:
+            version.in_flight -= 1
+            if version.in_flight == 0 and version.idle is not None:
+                version.idle.set()
+
+
 def sticky_choice(episode_id: str, candidates: list[tuple[PolicyVersion, float]]) -> PolicyVersion:
     """Weighted rendezvous hashing: the same episode always gets the same version, in every
     process and after restarts; when a version comes or goes, only the episodes that must
@@ -185,20 +204,11 @@ class PolicyRegistry:
             )
         return found
 
-    @contextmanager
-    def lease(self, *versions: PolicyVersion) -> Iterator[None]:
+    def lease(self, *versions: PolicyVersion) -> Lease:
         """Hold `versions` for one request: none is unloaded before the lease ends. Take it
         in the same step of the event loop as the lookup that chose them, so that no reload
         runs in between."""
-        for version in versions:
-            version.in_flight += 1
-        try:
-            yield
-        finally:
-            for version in versions:
-                version.in_flight -= 1
-                if version.in_flight == 0 and version.idle is not None:
-                    version.idle.set()
+        return Lease(versions)
 
     def allocation(self, version: PolicyVersion) -> float | None:
         """The probability the traffic split gives `version` now (an episode's too: weighted

@@ -299,7 +299,7 @@ class PolicyService:
                         failure(group.version, pinned, time.perf_counter() - started)
                 raise
             for index, group in enumerate(groups):
-                if origins[index] is None:
+                if origins[index] is None and group.episodes is not None:
                     steps[index] = await self._group_begin(group, ids[index], recurrent=False)
             answers, events = [], []
             for index, group in enumerate(groups):
