@@ -147,7 +147,7 @@ class RotatingStream:
             (n for w, n, _ in list_streams(self.directory) if w == self.worker), default=0
         )
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         if self._file is None:
             self.number += 1
             self._file = stream_path(self.directory, self.worker, self.number).open("xb")

@@ -61,9 +61,12 @@ PEER_GRACE_S = 2.0
 _PEER_POLL_S = 0.05
 _DUMPS_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 # In asynchronous mode the writer lets a group gather this long before writing it: waking
-# the writer thread for every decision costs the event loop a thread switch per request,
-# and a group of one pays a whole index transaction. Sync mode writes at once.
-LINGER_S = 0.01
+# the writer thread for every decision costs the event loop a thread switch per request, a
+# group of one pays a whole index transaction, and while the writer builds and serialises a
+# group it holds the interpreter the event loop needs. 50 ms measured 0.80x of the log off
+# in-process where 10 ms gave 0.70x (bench/COMPONENTS.md); sync mode writes at once, and
+# close() (SIGTERM, shutdown) writes everything queued.
+LINGER_S = 0.05
 
 
 class DecisionLogClosed(RuntimeError):
@@ -71,6 +74,7 @@ class DecisionLogClosed(RuntimeError):
 
 
 Records = Sequence[Mapping[str, Any]] | PendingDecisions
+_NONE: Counter[str] = Counter()  # the episodes of a batch that has none (never written to)
 
 
 @dataclass
@@ -124,7 +128,7 @@ class DecisionLog:
         self._stream = RotatingStream(
             self.directory, worker, rotate_bytes, rotate_seconds, self._compressor.submit
         )
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # a plain lock: cheaper than RLock
         self._pending: deque[_Batch] = deque()
         self._queued = 0
         # Ids of decisions queued or being written, until their index transaction commits.
@@ -246,7 +250,8 @@ class DecisionLog:
             concurrent.futures.Future() if self.sync else None
         )
         if isinstance(records, PendingDecisions):
-            return _Batch(records, records.decision_ids, Counter(records.episode_ids()), done)
+            ids = records.episode_ids()
+            return _Batch(records, records.decision_ids, Counter(ids) if ids else _NONE, done)
         decisions = [r for r in records if r.get("type") == "decision"]
         episodes = Counter(str(r["episode_id"]) for r in decisions if r.get("episode_id"))
         return _Batch(list(records), [str(r["decision_id"]) for r in decisions], episodes, done)
@@ -265,7 +270,6 @@ class DecisionLog:
         if batch.episode_ids:
             # update(), not +=: a Counter's += walks every key it holds.
             self._queued_episodes.update(batch.episode_ids)
-        self.metrics.queue_depth.set(self._queued)
         if self.sync or self._writer_idle or self._queued >= self._wake_at:
             self._cond.notify_all()
         return True
@@ -317,6 +321,9 @@ class DecisionLog:
                         self._cond.wait(LINGER_S)  # cut short by a deep queue or close()
                     batches = list(self._pending)
                     self._pending.clear()
+                    # Set by the writer, not per append: what a scrape sees is at most one
+                    # group old.
+                    self.metrics.queue_depth.set(self._queued)
                     stop = self._closing and not batches
                 if batches:
                     self._commit(batches)
@@ -341,7 +348,9 @@ class DecisionLog:
 
     def _commit(self, batches: list[_Batch]) -> None:
         started = time.perf_counter()
-        lines, decisions, rewarded = [], [], []
+        # One buffer, each record's bytes added and dropped at once: keeping thousands of
+        # small bytes objects alive to join them cost four times their serialisation here.
+        data, decisions, rewarded = bytearray(), [], []
         written: list[Mapping[str, Any]] = []
         pending = [b.records for b in batches if isinstance(b.records, PendingDecisions)]
         built = iter(pending_records(pending))
@@ -351,13 +360,12 @@ class DecisionLog:
                 records = next(built)
             written += records
             for record in records:
-                lines.append(orjson.dumps(record, option=_DUMPS_OPTIONS))
+                data += orjson.dumps(record, option=_DUMPS_OPTIONS)
                 kind = record.get("type")
                 if kind == "decision":
                     decisions.append((str(record["decision_id"]), record.get("episode_id")))
                 elif kind == "reward":
                     rewarded.append(str(record["decision_id"]))
-        data = b"".join(lines)
         # Rotating here too puts a group that arrives after the deadline in a new file even
         # when the writer thread has not woken since.
         self._stream.rotate_if_due()

@@ -102,6 +102,8 @@ class PolicyEntry:
         return self._routable[-1][0] if self._routable else None
 
     def weight_of(self, version: PolicyVersion) -> float:
+        if len(self._routable) == 1:  # the common case, asked for every decision logged
+            return 100.0 if self._routable[0][0] is version else 0.0
         total = sum(w for _, w in self._routable)
         return next((100.0 * w / total for v, w in self._routable if v is version), 0.0)
 
