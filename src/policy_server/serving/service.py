@@ -778,10 +778,11 @@ class DecisionIds:
                     self._last_ms, self._counter = self._last_ms + 1, 0
             ms, counter = self._last_ms, self._counter
             base = self._random.getrandbits(62 - 20) << 20  # room to count up `count` ids
-        # One f-string per id: the UUID's groups straight from the integers, no slicing.
+        # The UUID's groups straight from the integers, no slicing; a batch's ids share
+        # everything but the last group, formatted by one template (half an f-string's cost).
         head = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{counter:03x}-"
         low = (0b10 << 62) | base
         group, rest = low >> 48, low & 0xFFFF_FFFF_FFFF
         if count == 1:
             return [f"{head}{group:04x}-{rest:012x}"]
-        return [f"{head}{group:04x}-{rest + i:012x}" for i in range(count)]
+        return list(map(f"{head}{group:04x}-%012x".__mod__, range(rest, rest + count)))

@@ -21,7 +21,8 @@ from starlette.routing import BaseRoute
 
 from policy_server.errors import PolicyServerError
 from policy_server.protocols.auth import header_scheme, supplied_key
-from policy_server.protocols.routes import DirectRoute
+from policy_server.protocols.routes import DirectRoute, read_body
+from policy_server.protocols.routes import header as raw_header
 from policy_server.protocols.v2.dataplane import DataPlane, InferRequest, InferResponse
 from policy_server.protocols.v2.errors import http_status
 from policy_server.protocols.v2.models import (
@@ -45,6 +46,7 @@ from policy_server.protocols.v2.tensors import (
 )
 
 HEADER_LENGTH = "inference-header-content-length"
+_HEADER_LENGTH = HEADER_LENGTH.encode()
 Handler = Callable[[Request], Awaitable[Response]]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": V2Error, "description": text}
@@ -207,8 +209,11 @@ class Handlers:
         name, version = _model(request)
         try:
             self.plane.check(name, version, supplied_key(request))  # before the body is read
-            body = await request.body()
-            infer, binary = parse_request(name, version, body, request.headers.get(HEADER_LENGTH))
+            body = await read_body(request.receive)
+            length = raw_header(request.scope, _HEADER_LENGTH)
+            infer, binary = parse_request(
+                name, version, body, None if length is None else length.decode("latin-1")
+            )
             answer = await self.plane.infer(infer, supplied_key(request))
         except PolicyServerError as error:
             return error_body(error)
