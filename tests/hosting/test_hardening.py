@@ -339,3 +339,51 @@ def test_connections_beyond_the_cap_are_closed(keyed: tuple[RunningServer, Path]
             return False
 
     assert until(answers)
+
+
+def read_response(sock: socket.socket, buffer: bytearray, head_only: bool = False) -> bytes:
+    """One HTTP/1.1 response from the connection (its content-length says where it ends);
+    what follows it stays in `buffer`."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        buffer += chunk
+    end = buffer.index(b"\r\n\r\n") + 4
+    head = bytes(buffer[:end]).lower()
+    length = 0
+    if not head_only and b"content-length: " in head:
+        length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(buffer) < end + length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        buffer += chunk
+    response = bytes(buffer[: end + length])
+    del buffer[: end + length]
+    return response
+
+
+def test_one_connection_takes_continue_head_and_pipelined_requests(timed: RunningServer) -> None:
+    """Each response's head is held until its body (one write per response): an interim
+    100 Continue still goes first, a HEAD still gets its head, and pipelined requests their
+    answers in order, on one keep-alive connection."""
+    port = int(timed.url.rsplit(":", 1)[1])
+    key = EXAMPLE_KEY.encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        buffer = bytearray()
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\naccess-token: " + key + b"\r\n"
+            b"content-type: application/json\r\nexpect: 100-continue\r\n"
+            b"content-length: %d\r\n\r\n" % len(OBSERVATION)
+        )
+        assert read_response(sock, buffer, head_only=True).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(OBSERVATION)
+        answer = read_response(sock, buffer)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"actions"' in answer
+        sock.sendall(b"HEAD /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = read_response(sock, buffer, head_only=True)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head.lower()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, second = read_response(sock, buffer), read_response(sock, buffer)
+        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b'"ok"')
+        assert second.startswith(b"HTTP/1.1 200") and b"x-request-id" in second.lower()
+        assert buffer == b""

@@ -1,4 +1,4 @@
-"""The HTTP connection's limits and time-outs, for uvicorn.
+"""The HTTP connection's limits and time-outs, for uvicorn, and one write per response.
 
 uvicorn times out idle keep-alive connections, but only after a first response: a connection
 that never sends a request, or trickles one byte by byte, would be held forever. The protocol
@@ -42,6 +42,45 @@ TIMEOUT_RESPONSE = _timeout_response()
 SHUTDOWN_LINGER_S = 0.5
 
 
+class OneWrite:
+    """The transport as a response cycle sees it: the response's head is held back until its
+    body's first bytes (or the end of a response without any), so that a small answer leaves
+    in one write, one system call and one TCP segment, instead of two (uvicorn writes the head
+    when the app sends `http.response.start`). An interim `100 Continue` goes out at once."""
+
+    __slots__ = ("_head", "_headed", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._headed = False
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif not self._headed and data.startswith(b"HTTP/") and data[9:10] != b"1":
+            self._head, self._headed = data, True
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class TimedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a time-out on receiving each request, an idle
     time-out from the connection's start and a cap on open connections."""
@@ -78,8 +117,21 @@ class TimedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        if self._draining and self.cycle is not None:
-            self.cycle.keep_alive = False
+        cycle = self.cycle
+        if cycle is not None:
+            # Its task has not run yet: the whole response goes through the holder, which
+            # lets a response without body bytes (HEAD) go once it is complete.
+            holder = OneWrite(self.transport)
+            cycle.transport = holder  # type: ignore[assignment]
+            completed = cycle.on_response
+
+            def on_response() -> None:
+                holder.flush()
+                completed()
+
+            cycle.on_response = on_response
+            if self._draining:
+                cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
