@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import BENCH, PYTHON, Server, Target, wrk
+from harness import BENCH, PYTHON, Load, Server, Target, ours, wrk
 
 REFERENCES = BENCH / "references"
 
@@ -101,3 +101,45 @@ def measure_peers(target: Target, cache: Path, duration: int) -> dict[str, Any]:
         if name == "rayserve":
             time.sleep(3)  # let the local Ray instance go before the next server starts
     return figures
+
+
+SIDE_BY_SIDE_ROUNDS = 3
+
+
+def measure_side_by_side(target: Target, cache: Path, duration: int) -> dict[str, Any]:
+    """Issue #22's ratios from interleaved runs: the bare-ASGI app, the FastAPI constant,
+    policy-server with its default workers and with one, all started at once and measured
+    in turn, round after round; each figure is the median over the rounds. Measured minutes
+    apart, as the tables above are, the same server moved by up to 30% on a shared machine;
+    in turn, every server meets the same moments."""
+    probe = ("/predict", target.observation, target.key)
+    servers = {
+        "bare": Server([PYTHON, str(REFERENCES / "bare_asgi.py"), "{port}"], probe),
+        "ceiling": Server(
+            [PYTHON, str(REFERENCES / "ceiling.py"), str(target.path), "{port}"], probe
+        ),
+        "ours": ours(target, cache),
+        "one": ours(target, cache, "--workers", "1"),
+    }
+    loads: dict[str, list[Load]] = {name: [] for name in servers}
+    try:
+        for server in servers.values():
+            server.start()
+            server.warm_up()
+        seconds = max(3, duration // 2)
+        for round_ in range(SIDE_BY_SIDE_ROUNDS):
+            # Each round in another order, so that no server always follows the same one.
+            names = list(servers)[round_:] + list(servers)[:round_]
+            for name in names:
+                url = servers[name].url + "/predict"
+                loads[name].append(wrk(url, target.observation, target.key, 32, seconds))
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {f"side_{name}": _median(found) for name, found in loads.items()}
+
+
+def _median(loads: list[Load]) -> Load:
+    middle = sorted(loads, key=lambda load: load.requests_per_s)[len(loads) // 2]
+    p99 = sorted(load.p99_ms for load in loads)[len(loads) // 2]
+    return Load(middle.requests_per_s, middle.p50_ms, p99, sum(load.errors for load in loads))

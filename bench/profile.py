@@ -12,7 +12,7 @@ request at the unprofiled rate (the loop's thread is busy in nearly every sample
 load). Prints a Markdown table for bench/COMPONENTS.md, and the top functions by self and
 inclusive time; the raw profile is kept in bench/out/.
 
-py-spy is installed by `make bench` (extra `bench`); it needs ptrace rights (root, or
+py-spy comes with the `bench` extra (`make bench` installs it); it needs ptrace rights (root, or
 `kernel.yama.ptrace_scope=0`).
 """
 

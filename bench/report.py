@@ -150,6 +150,11 @@ def render_peers(f: dict[str, Any]) -> list[str]:
             lines.append(_missing(label, notes.get(key.removesuffix("_c32"), "not measured"), 7))
     ours = f["ours_c32"]
     one = f.get("workers_1")
+    side = "side_ours" in f
+    if side:  # the interleaved runs, when the run has them (see render_side_by_side)
+        ours, one = f["side_ours"], f["side_one"]
+        bare, constant = f["side_bare"], f["side_ceiling"]
+        lines = [*render_side_by_side(f), "", *lines]
     checks = [
         (
             "one process (`--workers 1`) >= 1.0x FastAPI constant",
@@ -163,6 +168,7 @@ def render_peers(f: dict[str, Any]) -> list[str]:
     rows = [_ratio_row(label, a or 0.0, b, goal) for label, a, b, goal in checks]
     p99 = ours.p99_ms / constant.p99_ms
     rows.append(f"| p99 <= FastAPI constant's p99 | {p99:.2f}x | {_verdict(p99 <= 1)} |")
+    ours = f["ours_c32"]
     for key, label, goal in (("litserve_c32", "LitServe", 5), ("rayserve_c32", "Ray Serve", 20)):
         peer = f.get(key)
         rows.append(
@@ -187,6 +193,28 @@ def render_peers(f: dict[str, Any]) -> list[str]:
         f"| /predict_batch >= 500,000 obs/s | {batch:,.0f} | {_verdict(batch >= 500_000)} |"
     )
     return [*lines, "", "| target | this run | verdict |", "|---|---|---|", *rows, ""]
+
+
+def render_side_by_side(f: dict[str, Any]) -> list[str]:
+    """Issue #22's servers measured in turn (`peers.measure_side_by_side`)."""
+    bare, constant = f["side_bare"], f["side_ceiling"]
+    rows = (
+        ("side_bare", "bare ASGI constant"),
+        ("side_ceiling", "FastAPI + pydantic constant (reference (b))"),
+        ("side_ours", "policy-server (default `--workers`: one per core)"),
+        ("side_one", "policy-server, one process (`--workers 1`)"),
+    )
+    return [
+        "Side by side (issue #22's targets): the four servers started at once and measured in "
+        "turn, 3 rounds of wrk (32 connections) in a changing order; each figure is the median "
+        "over the rounds, so that every server meets the same moments of the machine. The "
+        "first three targets below and the p99 come from these runs; the other rows of the "
+        "peers table were measured one server after another.",
+        "",
+        "| server | requests/s | p50 ms | p99 ms | vs bare ASGI | vs FastAPI constant | errors |",
+        "|---|---|---|---|---|---|---|",
+        *(_row(label, f[key], bare, constant) for key, label in rows),
+    ]
 
 
 def _ratio_row(label: str, value: float, base: float | None, goal: float) -> str:
@@ -401,29 +429,36 @@ rather than in a thread (a thread hand-off costs more than the model call); orjs
 and writes JSON; the cyclic garbage collector is frozen after start-up, which keeps its
 pauses out of the tail latency; uvicorn runs with httptools and uvloop; and `--workers`
 runs one process per core behind one port (the workers tables above). For issue #22
-(profiles before and after in COMPONENTS.md): the policy routes answer without FastAPI's
-per-request wrapping (two exit stacks for dependencies that never run, a second exception
-wrapper) and turn other paths away with a string test before the router's regular
-expression; a JSON response builds its two headers directly; the request metrics' children
-are looked up once per route and version; request ids come from a per-process prefix and a
-counter, not uuid4's system call; a single observation's action is sampled in Python
-floats, not a dozen numpy calls; and the decision log's request only queues the arrays it
-has, its writer thread builds the records, lets a group gather for 10 ms in asynchronous
-mode and indexes the group in one SQL statement (each statement step of the sqlite3 module
-hands the GIL to the event loop and back).
+(COMPONENTS.md has the profiles before and after, and each change measured on its own): a
+prediction, native or Open Inference Protocol, is answered by the one layer of ours in front
+of the app, ahead of Starlette's and FastAPI's middlewares and router; the micro-batcher
+keeps each request's time-out with one timer armed only while it waits for its thread (no
+`asyncio.timeout` per request); a flat observation is validated into a plain dict and read
+straight into model rows; the key, the content type and the body come from the raw scope;
+policy-server's uvicorn protocol sends a response's head and body in one write; and the
+decision log's writer builds the records of consecutive calls of one version as one batch,
+serialises them into one buffer and lets a group gather for 50 ms. Our code's cost per
+request, in-process, went from about 345 to 115 us.
 
-What would close the rest: on this 2-core machine wrk itself takes most of a core, so two
-workers cannot double one, and the targets that compare policy-server's processes with the
-one process of the FastAPI constant (1.5x) or of the bare-ASGI app (0.35x) need each
-worker's request to cost little more than the constant answer's. The candidates are fewer
-middleware layers per request (each is a Python call in and out for every request) and a
-prediction path that enters before Starlette's stack. The Granian rows of the peers
-table compare that HTTP server with uvicorn on the bare app and on policy-server's own
-`app.py`, one process each; uvicorn stays the default (`uvicorn app:app` works either way)
-until a run on an idle machine shows Granian ahead. SCALING.md shows the same server on 16 cores,
-where throughput grows with workers. The batch endpoint is limited by pydantic building
-one object per observation, by writing 1,000 JSON objects and, for mouse_and_cheese (two
-256-unit layers), by the forward pass itself on cores shared with the HTTP side.
+What stands in the way of the rest, measured (COMPONENTS.md): after these changes a third
+of a process's time per request is the HTTP server (uvicorn's parsing, the event loop and
+the one socket write, which wakes the client on the other core), and the rest is spread
+over a dozen costs of a few microseconds each (the service's bookkeeping, the batcher's
+future and task switch, sampling one row, ONNX Runtime's Python wrapper, prometheus-client's
+locked counters); on this 2-core machine wrk takes most of a core, so two workers cannot
+double one. The Granian rows compare that HTTP server with uvicorn on the bare app and on
+policy-server's own `app.py`, one process each: in the recorded run Granian served our app
+faster than `uvicorn app:app`, while the bare app was as fast on both. uvicorn stays the
+default because policy-server's hardening is built on its protocol (the connection cap, the
+idle and slow-request time-outs, the drain on shutdown, the one write per response, in
+`hosting/connection_limits.py`, tested against slow and hostile clients) and its worker
+supervisor; carrying those to Granian is the next step this measurement points to, and
+`uvicorn app:app` works either way. SCALING.md shows the same server on 16 cores, where
+throughput grows with workers. The batch endpoint is bounded by the model before anything
+else: mouse_and_cheese's forward pass over 1,000 rows takes about 3,000 us on one thread
+(COMPONENTS.md), at most about 330,000 observations/s per core, so 500,000 observations/s
+needs the model alone on one and a half of this machine's two cores, which it shares with
+wrk and the HTTP side (validating 1,000 observations and writing 1,000 answers).
 
 The features' misses, as measured here and not profiled: during a reload the p99 is far
 above the steady p99 although the reload itself answers within a fraction of a second (both
@@ -432,7 +467,7 @@ in the repository table), which suggests that requests wait while the worker tha
 swapping it in at once would keep answering. The decision log's writer thread shares the
 process, and its GIL, with the event loop: what it costs after issue #22 is its own work
 (building the records, orjson, the write and the index transaction) done beside the
-requests, in one group per 10 ms; `--decision-log-sync` writes at once and answers only
+requests, in one group per 50 ms; `--decision-log-sync` writes at once and answers only
 once the decision is on disk, so its requests wait for the fsync.
 
 Why the peers are slower with the same model and the same work: LitServe's FastAPI

@@ -19,7 +19,7 @@ from typing import Any
 
 from features import measure_features
 from harness import BENCH, OUT, PYTHON, Load, Server, Target, machine, ours, source, targets, wrk
-from peers import measure_peers
+from peers import measure_peers, measure_side_by_side
 
 
 def measure_target(target: Target, duration: int, first: bool) -> dict[str, Any]:
@@ -78,6 +78,7 @@ def measure_target(target: Target, duration: int, first: bool) -> dict[str, Any]
     if first:
         figures |= measure_ray(target, cache, duration)
         for part in (
+            measure_side_by_side(target, cache, duration),
             measure_peers(target, cache, duration),
             measure_features(target, cache, duration),
         ):
