@@ -116,9 +116,10 @@ class TimedProtocol(HttpToolsProtocol):
         self._start_reading_timer()
 
     def on_headers_complete(self) -> None:
+        before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None:
+        if cycle is not None and cycle is not before:  # not an upgrade, which makes none
             # Its task has not run yet: the whole response goes through the holder, which
             # lets a response without body bytes (HEAD) go once it is complete.
             holder = OneWrite(self.transport)
